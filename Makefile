@@ -1,0 +1,40 @@
+# nm-onnx: every target sets the project up first when .venv is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+NMONNX := $(VENV)/bin/nm-onnx
+STAMP  := $(VENV)/.nm-onnx-installed
+
+.PHONY: setup ops demo test test-all test-asan bench clean
+
+setup: $(STAMP) ops
+
+# torch first (the pinned CPU build), so nothing later pulls a CUDA build of torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[eval,dev]"
+	touch $@
+
+# The custom op library (C++ CPU kernels, CUDA kernels when nvcc is present).
+ops: $(STAMP)
+	PYTHON=$(PY) bash custom_ops/build.sh
+
+demo: setup
+	$(NMONNX) demo
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+test-asan: $(STAMP)
+	PYTHON=$(PY) bash custom_ops/test_asan.sh
+
+bench: setup
+	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/sparse_matmul.py
+
+clean:
+	rm -rf custom_ops/build custom_ops/build-asan

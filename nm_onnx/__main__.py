@@ -1,0 +1,5 @@
+import sys
+
+from nm_onnx.cli import main
+
+sys.exit(main())
