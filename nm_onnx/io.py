@@ -19,6 +19,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -29,7 +30,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(final)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old) if final.is_dir() else os.replace(final, old)
+        os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
@@ -43,6 +44,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w", **kwargs):
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
@@ -50,6 +52,12 @@ def atomic_file(final: str | os.PathLike, mode: str = "w", **kwargs):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_path(final: str | os.PathLike):
@@ -61,6 +69,7 @@ def atomic_path(final: str | os.PathLike):
         final_p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{final_p.name}.tmp-", dir=final_p.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         try:
             yield Path(tmp)
             os.replace(tmp, final_p)

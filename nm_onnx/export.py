@@ -1,0 +1,82 @@
+"""Export a Hugging Face causal LM to ONNX with optimum (the pipeline's first arrow).
+
+The output directory is a standard optimum export (model.onnx + config + tokenizer) that
+`optimum.onnxruntime.ORTModelForCausalLM` loads. Two fixes are applied after optimum:
+  * ir_version is lowered to the minimum the opset needs (onnx 1.23 writes IR 14, which the pinned
+    onnxruntime refuses);
+  * the export is validated by loading it in an ORT session before the directory appears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.io import atomic_dir
+from nm_onnx.models import resolve_model
+
+DEFAULT_OPSET = 18
+MODEL_FILE = "model.onnx"
+
+
+def fix_ir_version(path: Path) -> int:
+    """Rewrite the model's ir_version to the lowest one its opset imports allow; returns it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    needed = max(needed, 8)
+    if model.ir_version != needed:
+        model.ir_version = needed
+        onnx.save(model, str(path))  # external data references stay as they are
+    return needed
+
+
+def export(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    with_past: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export MODEL (alias, HF dir or .gguf) to OUT_DIR; returns the path of model.onnx."""
+    from optimum.exporters.onnx import main_export
+
+    hf_dir = resolve_model(source)
+    task = "text-generation-with-past" if with_past else "text-generation"
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NmOnnxError(f"output '{out_dir}' exists and is not a directory")
+    print(f"nm-onnx: exporting {source} ({task}, opset {opset}) ...", file=sys.stderr)
+    with atomic_dir(out_dir) as tmp:
+        try:
+            main_export(
+                str(hf_dir), output=str(tmp), task=task, opset=opset, device="cpu",
+                do_validation=False, local_files_only=True, library_name="transformers",
+            )
+        except NmOnnxError:
+            raise
+        except Exception as e:  # optimum raises ValueError/KeyError/... for unsupported models
+            raise NmOnnxError(f"optimum could not export {source}: {type(e).__name__}: {e}") from None
+        model_path = tmp / MODEL_FILE
+        if not model_path.is_file():
+            raise NmOnnxError(f"optimum produced no {MODEL_FILE} for {source}")
+        ir = fix_ir_version(model_path)
+        _check_loads(model_path)
+        (tmp / "nm_onnx_export.json").write_text(
+            json.dumps({"source": str(source), "task": task, "opset": opset, "ir_version": ir}, indent=2)
+        )
+    return out_dir / MODEL_FILE
+
+
+def _check_loads(path: Path) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise NmOnnxError(f"exported model does not load in onnxruntime: {e}") from None

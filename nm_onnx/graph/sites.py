@@ -1,0 +1,163 @@
+"""The linear-site map: which MatMul of an exported graph is which `nn.Linear` of the model.
+
+A *linear site* is a MatMul whose second input is a constant weight B = W^T of shape [K, O]
+(possibly reached through Cast or Transpose, e.g. the tied lm_head that reads a Transpose of the
+embedding). Its module path comes from the node name for optimum/TorchScript exports
+(`/model/layers.3/mlp/down_proj/MatMul` -> `model.layers.3.mlp.down_proj`) or from the
+`pkg.torch.onnx.name_scopes` metadata of torch dynamo exports. This map is the contract between
+`inspect`, calibration (module names) and the graph passes (node and value names).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass
+
+KINDS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "other")
+_KIND_BY_NAME = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "lm_head",
+}
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    module: str  # model.layers.3.mlp.down_proj
+    kind: str  # one of KINDS
+    k: int  # input features (reduction axis)
+    o: int  # output features
+    matmul: str  # MatMul node name
+    input: str  # name of the activation value X
+    output: str  # name of the MatMul output value
+    weight: str  # name of the weight initializer as stored
+    transposed: bool  # True when the initializer is stored as W [O, K] and transposed in-graph
+    dtype: str  # weight element type as stored, e.g. FLOAT, FLOAT16
+    via: tuple[str, ...] = ()  # op types between the initializer and the MatMul (Cast, Transpose)
+    bias: str | None = None  # bias initializer of a following Add, if any
+    bias_add: str | None = None  # that Add node's name
+    layer: int | None = None  # decoder layer index, if any
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["via"] = list(self.via)
+        return d
+
+
+def _module_from_node_name(name: str) -> str | None:
+    # "/model/layers.0/mlp/down_proj/MatMul" -> "model.layers.0.mlp.down_proj"
+    if not name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p]
+    if len(parts) < 2:
+        return None
+    return ".".join(parts[:-1])
+
+
+def _module_from_metadata(node) -> str | None:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        seq = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    # torch>=2.6 records full dotted module paths, outermost first, then the op's own name
+    # (['', 'model', 'model.layers.0', ..., 'model.layers.0.mlp.down_proj', 'linear_6']):
+    # the module is the end of the chain of entries that extend one another.
+    path = ""
+    for entry in seq:
+        if not entry:
+            continue
+        if not path or entry.startswith(path + "."):
+            path = entry
+        else:
+            break
+    return path or None
+
+
+def module_path(node) -> str | None:
+    return _module_from_metadata(node) or _module_from_node_name(node.name or "")
+
+
+def _trace_weight(value):
+    """Follow Cast/Transpose/Identity back to an initializer: (initializer value, [op types], perm)."""
+    via: list[str] = []
+    transposed = False
+    v = value
+    for _ in range(4):
+        if v.const_value is not None or v.is_initializer():
+            return v, tuple(reversed(via)), transposed
+        prod = v.producer()
+        if prod is None or prod.op_type not in ("Cast", "Transpose", "Identity"):
+            return None, (), False
+        if prod.op_type == "Transpose":
+            perm = prod.attributes.get_ints("perm", None)
+            if perm is not None and list(perm) != [1, 0]:
+                return None, (), False
+            transposed = not transposed
+        via.append(prod.op_type)
+        v = prod.inputs[0]
+        if v is None:
+            return None, (), False
+    return None, (), False
+
+
+def _bias_of(matmul):
+    out = matmul.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1:
+        return None, None
+    user = uses[0][0] if isinstance(uses[0], tuple) else uses[0].node
+    if user.op_type != "Add":
+        return None, None
+    other = user.inputs[1] if user.inputs[0] is out else user.inputs[0]
+    if other is None or not (other.const_value is not None or other.is_initializer()):
+        return None, None
+    shape = other.shape
+    if shape is None or len(shape) != 1:
+        return None, None
+    return other.name, user.name
+
+
+def find_linear_sites(model) -> list[LinearSite]:
+    """All linear sites of the main graph, in graph order. Duplicated module paths get a #n suffix."""
+    sites: list[LinearSite] = []
+    seen: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        init, via, transposed = _trace_weight(node.inputs[1])
+        if init is None or init.shape is None or len(init.shape) != 2:
+            continue
+        rows, cols = (int(d) for d in init.shape)
+        k, o = (cols, rows) if transposed else (rows, cols)
+        module = module_path(node) or node.name or node.outputs[0].name
+        if module in seen:
+            seen[module] += 1
+            module = f"{module}#{seen[module]}"
+        else:
+            seen[module] = 0
+        leaf = module.rsplit(".", 1)[-1]
+        layer = _LAYER_RE.search(module + ".")
+        bias, bias_add = _bias_of(node)
+        sites.append(
+            LinearSite(
+                module=module,
+                kind=_KIND_BY_NAME.get(leaf, "other"),
+                k=k,
+                o=o,
+                matmul=node.name,
+                input=node.inputs[0].name,
+                output=node.outputs[0].name,
+                weight=init.name,
+                transposed=transposed,
+                dtype=init.dtype.name if init.dtype is not None else "UNDEFINED",
+                via=via,
+                bias=bias,
+                bias_add=bias_add,
+                layer=int(layer.group(1)) if layer else None,
+            )
+        )
+    return sites
