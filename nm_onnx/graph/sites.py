@@ -113,7 +113,10 @@ def _bias_of(matmul):
     if user.op_type != "Add":
         return None, None
     other = user.inputs[1] if user.inputs[0] is out else user.inputs[0]
-    if other is None or not (other.const_value is not None or other.is_initializer()):
+    if other is None:
+        return None, None
+    other, _, transposed = _trace_weight(other)  # optimum dedups equal tensors through Identity
+    if other is None or transposed:
         return None, None
     shape = other.shape
     if shape is None or len(shape) != 1:
