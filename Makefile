@@ -12,7 +12,7 @@ setup: $(STAMP) ops
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install $(if $(wildcard /opt/wheels),--find-links /opt/wheels) "torch==2.13.0"
 	$(PY) -m pip install -e ".[eval,dev]"
 	touch $@
 
