@@ -1,0 +1,40 @@
+// CPU row kernels of TokenShift, NMMask and NMSparseMatMul on float32 data (no ONNX Runtime types).
+//
+// The ORT glue (ops_cpu.cc) converts float16 to float32, validates shapes and attributes, and calls
+// these with a ParallelFor over token rows. The selection logic itself is nm_select.h.
+#pragma once
+#include <cstdint>
+
+#include "nm_select.h"
+#include "sparse_gemm.h"
+
+namespace nm_onnx {
+
+// Per-row shift eta[t] of X [T, K] (median or mean; kNone gives 0).
+void row_shifts(const float* x, int64_t T, int64_t K, Shift mode, float* eta, const ParallelFor& pf);
+
+// Column norms sqrt(sum_t x_tj^2) (float64 accumulation in row order), colnorm [K].
+void column_norms(const float* x, int64_t T, int64_t K, float* colnorm, const ParallelFor& pf);
+
+// keep [T, K] (0/1) of the N:M selection of X by |x| * scale * colnorm (scale/colnorm may be null).
+void nm_keep_rows(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
+                  const float* colnorm, uint8_t* keep, const ParallelFor& pf);
+
+// NMMask on float32: Y = X where kept, +0 elsewhere.
+void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
+                 const float* colnorm, float* y, const ParallelFor& pf);
+
+struct SparseMatMulArgs {
+  int n = 0, m = 1;
+  Shift shift = Shift::kNone;
+  bool variance_correction = false;
+  const float* channel_scale = nullptr;  // [K] or null
+  const float* shift_bias = nullptr;     // [O] or null
+  const float* bias = nullptr;           // [O] or null
+};
+
+// NMSparseMatMul on float32: X [T, K], B [K, O] -> Y [T, O].
+void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, int64_t O,
+                          const SparseMatMulArgs& args, float* y, const ParallelFor& pf);
+
+}  // namespace nm_onnx

@@ -1,0 +1,101 @@
+// Sparse GEMM over the kept rows of B (see sparse_gemm.h): work split and ISA dispatch.
+//
+// Decode (T <= 16 tokens): Y is split into a few wide column chunks (long contiguous runs of each
+// kept row of B, which is what keeps a memory-bound GEMV at full bandwidth) and each token's kept
+// rows stream through its L1-resident piece of Y, four rows at a time. Prefill (more tokens):
+// register tiles of Y over column blocks of 256 and token blocks of 256. Each block runs the best
+// kernel this CPU supports (AVX-512, AVX2+FMA, scalar), chosen once at run time;
+// NM_ONNX_SPARSE_GEMM_ISA=scalar|avx2|avx512 caps the choice (tests use it to cover every path on
+// one machine); a request the CPU cannot run falls back to what it can.
+#include "sparse_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "sparse_gemm_internal.h"
+
+namespace nm_onnx {
+namespace detail {
+
+void sparse_gemm_block_scalar(const GemmBlock& g) {
+  for (int64_t t = g.t0; t < g.t1; ++t) {
+    float* y = g.Y + t * g.O;
+    for (int64_t o = g.o0; o < g.o1; ++o) y[o] = 0.0f;
+    const float* x = g.X + t * g.K;
+    const int32_t* id = g.idx + t * g.kept;
+    for (int64_t j = 0; j < g.kept; ++j) {
+      const float a = x[id[j]];
+      const float* b = g.B + static_cast<int64_t>(id[j]) * g.O;
+      for (int64_t o = g.o0; o < g.o1; ++o) y[o] += a * b[o];
+    }
+  }
+}
+
+void sparse_gemm_stream_scalar(const GemmBlock& g, int64_t /*jb*/) { sparse_gemm_block_scalar(g); }
+
+namespace {
+
+struct Kernels {
+  void (*stream)(const GemmBlock&, int64_t);
+  void (*block)(const GemmBlock&);
+};
+
+Kernels pick_kernels() {
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* want = std::getenv("NM_ONNX_SPARSE_GEMM_ISA");
+  const bool any = want == nullptr || *want == '\0';
+  const bool cap512 = any || std::strcmp(want, "avx512") == 0;
+  const bool cap2 = cap512 || std::strcmp(want, "avx2") == 0;
+  if (has512 && cap512) return {sparse_gemm_stream_avx512, sparse_gemm_block_avx512};
+  if (has2 && cap2) return {sparse_gemm_stream_avx2, sparse_gemm_block_avx2};
+  return {sparse_gemm_stream_scalar, sparse_gemm_block_scalar};
+}
+
+constexpr int64_t kSmallT = 16;           // up to this many tokens: the streaming (decode) kernel
+constexpr int64_t kMaxChunk = 8192;       // widest column chunk of the streaming kernel
+constexpr int64_t kBlockBytes = 256 << 10;  // B rows one K block of the streaming kernel touches
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+}  // namespace
+}  // namespace detail
+
+void sparse_gemm_f32(const float* X, const int32_t* idx, int64_t T, int64_t K, int64_t kept,
+                     const float* B, int64_t O, float* Y, const ParallelFor& parallel_for) {
+  using namespace detail;
+  if (T <= 0 || O <= 0) return;
+  static const Kernels kernels = pick_kernels();
+  if (T <= kSmallT) {
+    // At least two chunks (two threads), each as wide as possible, a multiple of 16 columns.
+    const int64_t n_chunks = std::max<int64_t>(2, (O + kMaxChunk - 1) / kMaxChunk);
+    const int64_t chunk = std::max<int64_t>(16, round_up((O + n_chunks - 1) / n_chunks, 16));
+    const int64_t n_col = (O + chunk - 1) / chunk;
+    // One token: no K blocking. Several: blocks of kept indices whose B rows fit in L2.
+    const int64_t rows = std::max<int64_t>(4, kBlockBytes / (chunk * 4));
+    const int64_t jb = T == 1 ? std::max<int64_t>(kept, 1)
+                              : std::max<int64_t>(4, rows * kept / std::max<int64_t>(K, 1) / 4 * 4);
+    parallel_for(static_cast<std::ptrdiff_t>(n_col), [&](std::ptrdiff_t begin, std::ptrdiff_t end) {
+      for (std::ptrdiff_t c = begin; c < end; ++c) {
+        const GemmBlock g{X, idx, B, Y, K, kept, O, 0, T, c * chunk, std::min(O, (c + 1) * chunk)};
+        kernels.stream(g, jb);
+      }
+    });
+    return;
+  }
+  constexpr int64_t kCols = 256, kRows = 256;
+  const int64_t n_col = (O + kCols - 1) / kCols;
+  const int64_t n_row = (T + kRows - 1) / kRows;
+  parallel_for(static_cast<std::ptrdiff_t>(n_col * n_row), [&](std::ptrdiff_t begin, std::ptrdiff_t end) {
+    for (std::ptrdiff_t task = begin; task < end; ++task) {
+      const int64_t c = task % n_col, r = task / n_col;
+      const GemmBlock g{X, idx, B, Y, K, kept, O, r * kRows, std::min(T, (r + 1) * kRows),
+                        c * kCols, std::min(O, (c + 1) * kCols)};
+      kernels.block(g);
+    }
+  });
+}
+
+}  // namespace nm_onnx

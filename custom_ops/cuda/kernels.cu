@@ -1,0 +1,312 @@
+// CUDA kernels of TokenShift, NMMask and NMSparseMatMul (float32, float16, bfloat16; math in float32,
+// float64 for means, variances and clact column norms). The selection rules are nm_select.h, shared
+// with the CPU kernels. Correct and simple rather than fast: the decode-speed work owns fast paths.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "launch.h"
+#include "nm_select.h"
+
+namespace nm_onnx {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+unsigned blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 65535 ? (b > 0 ? b : 1) : 65535);
+}
+
+// Block-wide sum of one double per thread (blockDim.x == kThreads).
+__device__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+// eta[t] of one row per block: lower median (radix select on the order keys) or float64 mean.
+template <typename T>
+__global__ void row_shift_kernel(const T* x, int64_t T_, int64_t K, int mode, float* eta) {
+  __shared__ double sd[kThreads];
+  __shared__ unsigned hist[256];
+  __shared__ int any_nan;
+  __shared__ uint32_t s_prefix;
+  __shared__ int64_t s_rank;
+  for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
+    const T* xr = x + t * K;
+    if (K == 0 || mode == static_cast<int>(Shift::kNone)) {
+      if (threadIdx.x == 0) eta[t] = 0.0f;
+      continue;
+    }
+    if (mode == static_cast<int>(Shift::kMean)) {
+      double acc = 0.0;
+      for (int64_t j = threadIdx.x; j < K; j += kThreads) acc += static_cast<double>(to_f(xr[j]));
+      const double sum = block_sum(acc, sd);
+      if (threadIdx.x == 0) eta[t] = mean_shift(sum, K);
+      continue;
+    }
+    if (threadIdx.x == 0) any_nan = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+      const float v = to_f(xr[j]);
+      if (v != v) any_nan = 1;
+    }
+    __syncthreads();
+    if (any_nan) {
+      if (threadIdx.x == 0) eta[t] = __int_as_float(0x7fc00000);
+      __syncthreads();
+      continue;
+    }
+    uint32_t prefix = 0, mask = 0;
+    int64_t rank = lower_median_rank(K);
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      hist[threadIdx.x] = 0;
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+        const uint32_t key = score_key(to_f(xr[j]));
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int64_t cum = 0;
+        for (uint32_t d = 0; d < 256; ++d) {
+          if (cum + hist[d] > rank) {
+            s_prefix = prefix | (d << shift);
+            s_rank = rank - cum;
+            break;
+          }
+          cum += hist[d];
+        }
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      rank = s_rank;
+      mask |= 255u << shift;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) eta[t] = canonical_shift(key_score(prefix));
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void subtract_kernel(const T* x, const float* eta, T* xc, T* eta_out, int64_t total, int64_t K) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / K;
+    xc[i] = from_f<T>(to_f(x[i]) - eta[t]);
+    if (i % K == 0) eta_out[t] = from_f<T>(eta[t]);
+  }
+}
+
+template <typename T>
+__global__ void eta_out_kernel(const float* eta, T* eta_out, int64_t T_) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < T_; t += int64_t(gridDim.x) * blockDim.x)
+    eta_out[t] = from_f<T>(eta[t]);
+}
+
+// clact column norms: float64 sum of squares in row order (as on the CPU), one thread per column.
+template <typename T>
+__global__ void column_norm_kernel(const T* x, int64_t T_, int64_t K, float* colnorm) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < K; j += int64_t(gridDim.x) * blockDim.x) {
+    double acc = 0.0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const double v = to_f(x[t * K + j]);
+      acc += v * v;
+    }
+    colnorm[j] = static_cast<float>(sqrt(acc));
+  }
+}
+
+// Score key of element (t, j): |x - eta_t| * scale_j * colnorm_j (absent factors: exact 1).
+template <typename T>
+__device__ __forceinline__ uint32_t key_at(const T* x, int64_t i, int64_t j, float eta, const T* scale,
+                                           const float* colnorm) {
+  const float v = to_f(x[i]) - eta;
+  return score_key(element_score(v, scale ? to_f(scale[j]) : 1.0f, colnorm ? colnorm[j] : 1.0f));
+}
+
+// One thread per element: rank inside its group (tie rule), then the masked value.
+template <typename T>
+__global__ void nm_keep_kernel(const T* x, const float* eta, const T* scale, const float* colnorm, int64_t total,
+                               int64_t K, int n, int m, T* y, float* xh, uint8_t* keep) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / K, j = i % K, jj = j % m, g0 = i - jj, c0 = j - jj;
+    const float e = eta ? eta[t] : 0.0f;
+    const uint32_t kj = key_at(x, i, j, e, scale, colnorm);
+    int r = 0;
+    for (int q = 0; q < m && r < n; ++q) {
+      const uint32_t kq = key_at(x, g0 + q, c0 + q, e, scale, colnorm);
+      r += (kq > kj) | ((kq == kj) & (q < jj));
+    }
+    const bool kept = r < n;
+    if (y) y[i] = kept ? x[i] : from_f<T>(0.0f);
+    if (xh) xh[i] = kept ? to_f(x[i]) - e : 0.0f;
+    if (keep) keep[i] = kept ? 1 : 0;
+  }
+}
+
+// Variance-correction factor per row (one block per row), float64 two-pass variances.
+template <typename T>
+__global__ void variance_kernel(const T* x, const float* xh, int64_t T_, int64_t K, float* v) {
+  __shared__ double sd[kThreads];
+  for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
+    const T* xr = x + t * K;
+    const float* hr = xh + t * K;
+    double sx = 0, sh = 0;
+    for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+      sx += to_f(xr[j]);
+      sh += hr[j];
+    }
+    const double mx = block_sum(sx, sd) / K, mh = block_sum(sh, sd) / K;
+    double qx = 0, qh = 0;
+    for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+      const double dx = to_f(xr[j]) - mx, dh = hr[j] - mh;
+      qx += dx * dx;
+      qh += dh * dh;
+    }
+    const double vx = block_sum(qx, sd), vh = block_sum(qh, sd);
+    if (threadIdx.x == 0) v[t] = K < 2 ? 1.0f : variance_scale(vx / (K - 1), vh / (K - 1), K);
+  }
+}
+
+// Y[t, o] = ((sum over kept k of xh[t, k] * B[k, o]) + eta_t * sb[o]) * v_t + bias[o]; one thread per output.
+template <typename T>
+__global__ void sparse_gemm_kernel(const float* xh, const uint8_t* keep, const T* b, const float* eta, const T* sb,
+                                   const float* v, const T* bias, int64_t T_, int64_t K, int64_t O, T* y) {
+  const int64_t total = T_ * O;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / O, o = i % O;
+    const float* hr = xh + t * K;
+    const uint8_t* kr = keep + t * K;
+    float z = 0.0f;
+    for (int64_t k = 0; k < K; ++k)
+      if (kr[k]) z += hr[k] * to_f(b[k * O + o]);
+    if (sb) z = z + eta[t] * to_f(sb[o]);
+    if (v) z = z * v[t];
+    if (bias) z = z + to_f(bias[o]);
+    y[i] = from_f<T>(z);
+  }
+}
+
+// Device scratch on the compute stream.
+struct Scratch {
+  cudaStream_t stream;
+  void* p = nullptr;
+  Scratch(size_t bytes, cudaStream_t s) : stream(s) {
+    if (bytes) check(cudaMallocAsync(&p, bytes, s), "cudaMallocAsync");
+  }
+  ~Scratch() {
+    if (p) cudaFreeAsync(p, stream);
+  }
+  template <typename U>
+  U* as() const { return static_cast<U*>(p); }
+};
+
+template <typename T>
+void token_shift_t(const T* x, T* xc, T* eta_out, int64_t T_, int64_t K, Shift mode, cudaStream_t s) {
+  if (T_ == 0) return;
+  Scratch eta(sizeof(float) * T_, s);
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(mode), eta.as<float>());
+  if (K > 0)
+    subtract_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), xc, eta_out, T_ * K, K);
+  else
+    eta_out_kernel<T><<<blocks_for(T_), kThreads, 0, s>>>(eta.as<float>(), eta_out, T_);
+  check(cudaGetLastError(), "TokenShift CUDA kernel");
+}
+
+template <typename T>
+void nm_mask_t(const T* x, const T* cs, T* y, int64_t T_, int64_t K, int n, int m, Criterion c, cudaStream_t s) {
+  if (T_ * K == 0) return;
+  Scratch colnorm(c == Criterion::kClact ? sizeof(float) * K : 0, s);
+  if (c == Criterion::kClact) column_norm_kernel<T><<<blocks_for(K), kThreads, 0, s>>>(x, T_, K, colnorm.as<float>());
+  nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, nullptr, cs, colnorm.as<float>(), T_ * K, K, n, m, y,
+                                                            nullptr, nullptr);
+  check(cudaGetLastError(), "NMMask CUDA kernel");
+}
+
+template <typename T>
+void nm_sparse_matmul_t(const T* x, const T* b, const T* cs, const T* sb, const T* bias, T* y, int64_t T_,
+                        int64_t K, int64_t O, const SparseMatMulParams& p, cudaStream_t s) {
+  if (T_ * O == 0) return;
+  Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift), eta.as<float>());
+  if (K > 0)
+    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), cs, nullptr, T_ * K, K, p.n, p.m,
+                                                              nullptr, xh.as<float>(), keep.as<uint8_t>());
+  if (p.variance_correction)
+    variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
+  sparse_gemm_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(xh.as<float>(), keep.as<uint8_t>(), b, eta.as<float>(),
+                                                                sb, p.variance_correction ? v.as<float>() : nullptr,
+                                                                bias, T_, K, O, y);
+  check(cudaGetLastError(), "NMSparseMatMul CUDA kernel");
+}
+
+}  // namespace
+
+#define NM_DISPATCH(dt, FN, ...)                                                             \
+  switch (dt) {                                                                              \
+    case DType::kF32: FN<float>(__VA_ARGS__); break;                                         \
+    case DType::kF16: FN<__half>(__VA_ARGS__); break;                                        \
+    case DType::kBF16: FN<__nv_bfloat16>(__VA_ARGS__); break;                                \
+  }
+
+template <typename T>
+static void token_shift_d(const void* x, void* xc, void* eta, int64_t T_, int64_t K, Shift mode, void* s) {
+  token_shift_t<T>(static_cast<const T*>(x), static_cast<T*>(xc), static_cast<T*>(eta), T_, K, mode,
+                   static_cast<cudaStream_t>(s));
+}
+template <typename T>
+static void nm_mask_d(const void* x, const void* cs, void* y, int64_t T_, int64_t K, int n, int m, Criterion c,
+                      void* s) {
+  nm_mask_t<T>(static_cast<const T*>(x), static_cast<const T*>(cs), static_cast<T*>(y), T_, K, n, m, c,
+               static_cast<cudaStream_t>(s));
+}
+template <typename T>
+static void nm_sparse_matmul_d(const void* x, const void* b, const void* cs, const void* sb, const void* bias,
+                               void* y, int64_t T_, int64_t K, int64_t O, const SparseMatMulParams& p, void* s) {
+  nm_sparse_matmul_t<T>(static_cast<const T*>(x), static_cast<const T*>(b), static_cast<const T*>(cs),
+                        static_cast<const T*>(sb), static_cast<const T*>(bias), static_cast<T*>(y), T_, K, O, p,
+                        static_cast<cudaStream_t>(s));
+}
+
+void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, Shift mode, void* stream) {
+  NM_DISPATCH(dt, token_shift_d, x, xc, eta, T, K, mode, stream)
+}
+void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_t K, int n, int m, Criterion c,
+             void* stream) {
+  NM_DISPATCH(dt, nm_mask_d, x, cs, y, T, K, n, m, c, stream)
+}
+void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* cs, const void* sb, const void* bias,
+                      void* y, int64_t T, int64_t K, int64_t O, const SparseMatMulParams& p, void* stream) {
+  NM_DISPATCH(dt, nm_sparse_matmul_d, x, b, cs, sb, bias, y, T, K, O, p, stream)
+}
+
+}  // namespace cuda
+}  // namespace nm_onnx
