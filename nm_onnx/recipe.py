@@ -1,0 +1,333 @@
+"""Sparsity recipes: what to prune, how to rank, which error mitigations, where, and how to calibrate.
+
+A `SparsityRecipe` is the single description of a sparsification that every stage shares: the
+PyTorch reference simulates it, `calibrate` computes its constants, the graph passes bake it into
+ONNX. It round-trips through JSON (unknown keys are an error, so a typo never silently falls back to
+a default) and has a stable `digest()` so artifacts and models can say which recipe made them.
+Named presets cover the paper's configurations (`nm-onnx recipes` lists them).
+
+Semantics of every field: ../shared/METHOD.md and docs/method.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nm_onnx.errors import NmOnnxError
+
+CRITERIA = ("magnitude", "amber", "wanda", "clact")
+SHIFTS = ("none", "median", "mean", "static", "learned")
+MAX_M = 64
+
+DEFAULT_TARGETS = ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"]
+
+# Calibration defaults (METHOD.md: layer-wise fitting as in the paper).
+DEFAULT_CALIBRATION = {
+    "data": "wikitext2",  # "wikitext2" or a path to a text file; never the evaluation split
+    "samples": 256,  # number of random windows
+    "seqlen": 512,  # tokens per window
+    "seed": 0,  # window sampling and parameter init
+    "lr": 1e-4,  # AdamW learning rate
+    "betas": [0.9, 0.95],
+    "weight_decay": 0.0,
+    "warmup": 0.03,  # fraction of steps with linear warm-up, then linear decay to 0
+    "epochs": 1,
+    "batch_size": 1,
+    "grad_clip": 1.0,
+}
+_CAL_TYPES = {
+    "data": (str,),
+    "samples": (int,),
+    "seqlen": (int,),
+    "seed": (int,),
+    "lr": (int, float),
+    "betas": (list, tuple),
+    "weight_decay": (int, float),
+    "warmup": (int, float),
+    "epochs": (int,),
+    "batch_size": (int,),
+    "grad_clip": (int, float),
+}
+
+
+def parse_pattern(pattern: str) -> tuple[int | None, int | None, float]:
+    """'N:M' -> (n, m, 1 - n/m); 'unstructured:S' -> (None, None, S). Raises NmOnnxError."""
+    if not isinstance(pattern, str):
+        raise NmOnnxError(f"pattern must be a string like '8:16' or 'unstructured:0.5', got {pattern!r}")
+    p = pattern.strip().lower()
+    if p.startswith("unstructured"):
+        _, _, rest = p.partition(":")
+        try:
+            s = float(rest)
+        except ValueError:
+            raise NmOnnxError(
+                f"bad pattern '{pattern}': write 'unstructured:S' with a sparsity 0 < S < 1, e.g. 'unstructured:0.5'"
+            ) from None
+        if not (0.0 < s < 1.0) or math.isnan(s):
+            raise NmOnnxError(f"bad pattern '{pattern}': unstructured sparsity must be in (0, 1)")
+        return None, None, s
+    parts = p.split(":")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise NmOnnxError(f"bad pattern '{pattern}': write 'N:M' (e.g. '8:16') or 'unstructured:0.5'")
+    n, m = int(parts[0]), int(parts[1])
+    if n < 1:
+        raise NmOnnxError(f"bad pattern '{pattern}': N must be at least 1")
+    if n >= m:
+        raise NmOnnxError(f"bad pattern '{pattern}': N must be smaller than M (N:M keeps N of every M)")
+    if m > MAX_M:
+        raise NmOnnxError(f"bad pattern '{pattern}': M must be at most {MAX_M}")
+    return n, m, 1.0 - n / m
+
+
+@dataclass
+class SparsityRecipe:
+    name: str = "custom"
+    pattern: str = "8:16"
+    criterion: str = "magnitude"
+    shift: str = "none"
+    scale_shift: bool = False
+    variance_correction: bool = False
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_CALIBRATION))
+
+    def __post_init__(self):
+        # Partial calibration dicts are completed with the defaults (unknown keys fail in validate()).
+        if isinstance(self.calibration, dict):
+            merged = copy.deepcopy(DEFAULT_CALIBRATION)
+            merged.update(self.calibration)
+            self.calibration = merged
+
+    # ----- derived properties -------------------------------------------------------------------
+    @property
+    def n(self) -> int | None:
+        return parse_pattern(self.pattern)[0]
+
+    @property
+    def m(self) -> int | None:
+        return parse_pattern(self.pattern)[1]
+
+    @property
+    def sparsity(self) -> float:
+        return parse_pattern(self.pattern)[2]
+
+    @property
+    def is_unstructured(self) -> bool:
+        return parse_pattern(self.pattern)[0] is None
+
+    @property
+    def needs_fitting(self) -> bool:
+        """Learnable parameters fitted layer by layer (METHOD items 3 and 4)."""
+        return self.shift == "learned" or self.scale_shift
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the recipe needs a calibration artifact (constants computed by `calibrate`)."""
+        return self.shift in ("static", "learned") or self.scale_shift or self.criterion in ("amber", "wanda")
+
+    def keep_count(self, k: int) -> int:
+        """Entries kept per token row of length k: N per group of M, or k - round(S*k) unstructured."""
+        n, m, s = parse_pattern(self.pattern)
+        if n is None:
+            return k - round(s * k)
+        return (k // m) * n
+
+    def group(self, k: int) -> tuple[int, int]:
+        """(n, m) of the selection groups for a row of length k (unstructured: one group of k)."""
+        n, m, _ = parse_pattern(self.pattern)
+        if n is None:
+            return self.keep_count(k), k
+        return n, m
+
+    # ----- validation ---------------------------------------------------------------------------
+    def validate(self) -> SparsityRecipe:
+        if not isinstance(self.name, str) or not self.name:
+            raise NmOnnxError("recipe 'name' must be a non-empty string")
+        parse_pattern(self.pattern)
+        if self.criterion not in CRITERIA:
+            raise NmOnnxError(
+                f"recipe '{self.name}': unknown criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}"
+            )
+        if self.shift not in SHIFTS:
+            raise NmOnnxError(
+                f"recipe '{self.name}': unknown shift '{self.shift}'; choose one of {', '.join(SHIFTS)}"
+            )
+        for key in ("scale_shift", "variance_correction"):
+            if not isinstance(getattr(self, key), bool):
+                raise NmOnnxError(f"recipe '{self.name}': '{key}' must be true or false")
+        for key in ("targets", "exclude"):
+            v = getattr(self, key)
+            if not isinstance(v, list) or not all(isinstance(g, str) and g for g in v):
+                raise NmOnnxError(f"recipe '{self.name}': '{key}' must be a list of non-empty glob strings")
+        if not self.targets:
+            raise NmOnnxError(f"recipe '{self.name}': 'targets' is empty; give at least one module glob")
+        if not isinstance(self.calibration, dict):
+            raise NmOnnxError(f"recipe '{self.name}': 'calibration' must be an object")
+        unknown = sorted(set(self.calibration) - set(DEFAULT_CALIBRATION))
+        if unknown:
+            raise NmOnnxError(
+                f"recipe '{self.name}': unknown calibration key(s) {unknown}; "
+                f"known: {', '.join(DEFAULT_CALIBRATION)}"
+            )
+        for key, types in _CAL_TYPES.items():
+            v = self.calibration[key]
+            if isinstance(v, bool) or not isinstance(v, types):
+                raise NmOnnxError(f"recipe '{self.name}': calibration '{key}' has a bad value {v!r}")
+        c = self.calibration
+        for key in ("samples", "seqlen", "epochs", "batch_size"):
+            if c[key] < 1:
+                raise NmOnnxError(f"recipe '{self.name}': calibration '{key}' must be at least 1")
+        if c["seqlen"] < 2:
+            raise NmOnnxError(f"recipe '{self.name}': calibration 'seqlen' must be at least 2")
+        if not (c["lr"] > 0) or not (0 <= c["warmup"] < 1) or c["grad_clip"] <= 0 or c["weight_decay"] < 0:
+            raise NmOnnxError(
+                f"recipe '{self.name}': calibration needs lr > 0, 0 <= warmup < 1, grad_clip > 0, weight_decay >= 0"
+            )
+        b = c["betas"]
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            raise NmOnnxError(f"recipe '{self.name}': calibration 'betas' must be two numbers in [0, 1)")
+        return self
+
+    # ----- targets ------------------------------------------------------------------------------
+    def match(self, module_paths) -> list[str]:
+        """Module paths selected by `targets` minus `exclude`, in the given order.
+
+        A target glob that matches nothing is an error (a typo must not silently prune nothing).
+        """
+        paths = list(module_paths)
+        selected = set()
+        for glob in self.targets:
+            hits = [p for p in paths if fnmatch.fnmatchcase(p, glob)]
+            if not hits:
+                sample = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+                raise NmOnnxError(
+                    f"recipe '{self.name}': target '{glob}' matches no module; available: {sample or '(none)'}"
+                )
+            selected.update(hits)
+        return [
+            p for p in paths if p in selected and not any(fnmatch.fnmatchcase(p, g) for g in self.exclude)
+        ]
+
+    # ----- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["calibration"] = dict(d["calibration"])
+        d["calibration"]["betas"] = list(d["calibration"]["betas"])
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no whitespace): identifies the recipe."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        from nm_onnx.io import atomic_file
+
+        with atomic_file(path) as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "recipe") -> SparsityRecipe:
+        if not isinstance(d, dict):
+            raise NmOnnxError(f"{origin}: a recipe must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NmOnnxError(f"{origin}: unknown recipe key(s) {unknown}; known: {', '.join(sorted(known))}")
+        d = copy.deepcopy(d)
+        cal = d.get("calibration")
+        if isinstance(cal, dict) and isinstance(cal.get("betas"), tuple):
+            cal["betas"] = list(cal["betas"])
+        try:
+            return cls(**d).validate()
+        except NmOnnxError as e:
+            if origin == "recipe":
+                raise
+            raise NmOnnxError(f"{origin}: {e}") from None
+        except TypeError as e:  # e.g. a non-dict calibration
+            raise NmOnnxError(f"{origin}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "recipe") -> SparsityRecipe:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NmOnnxError(f"{origin}: malformed JSON ({e})") from None
+        return cls.from_dict(d, origin)
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | SparsityRecipe) -> SparsityRecipe:
+        """A preset name, a recipe JSON file, or a calibration artifact directory (its recipe.json)."""
+        if isinstance(source, SparsityRecipe):
+            return copy.deepcopy(source).validate()
+        s = str(source)
+        if s in PRESETS:
+            return copy.deepcopy(PRESETS[s])
+        p = Path(s)
+        if p.is_dir() and (p / "recipe.json").is_file():
+            p = p / "recipe.json"
+        if p.is_file():
+            try:
+                text = p.read_text(encoding="utf-8")
+            except OSError as e:
+                raise NmOnnxError(f"cannot read recipe file '{p}': {e}") from None
+            return cls.from_json(text, origin=f"recipe file '{p}'")
+        close = difflib.get_close_matches(s, list(PRESETS), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise NmOnnxError(
+            f"unknown recipe '{s}'{hint}: give a preset name (list them with `nm-onnx recipes`) "
+            "or a path to a recipe JSON file"
+        )
+
+    def describe(self) -> str:
+        parts = [self.pattern, f"criterion={self.criterion}"]
+        if self.shift != "none":
+            parts.append(f"shift={self.shift}")
+        if self.scale_shift:
+            parts.append("scale_shift")
+        if self.variance_correction:
+            parts.append("variance_correction")
+        return " ".join(parts)
+
+
+def _presets() -> dict[str, SparsityRecipe]:
+    out: dict[str, SparsityRecipe] = {}
+
+    def add(name: str, **kw) -> None:
+        out[name] = SparsityRecipe(name=name, **kw).validate()
+
+    for p in ("2:4", "4:8", "8:16", "16:32"):
+        add(f"{p}-magnitude", pattern=p)
+        add(f"{p}-median-shift", pattern=p, shift="median")
+        add(f"{p}-mean-shift", pattern=p, shift="mean")
+        add(f"{p}-static-shift", pattern=p, shift="static")
+        add(f"{p}-variance", pattern=p, variance_correction=True)
+        add(f"{p}-median-variance", pattern=p, shift="median", variance_correction=True)
+        add(f"{p}-learned-shift", pattern=p, shift="learned")
+        add(f"{p}-scale-shift", pattern=p, scale_shift=True)
+        add(f"{p}-amber", pattern=p, criterion="amber")
+        add(f"{p}-wanda", pattern=p, criterion="wanda")
+        add(f"{p}-clact", pattern=p, criterion="clact")
+    add("unstructured-50", pattern="unstructured:0.5")
+    add("unstructured-70", pattern="unstructured:0.7")
+    add("unstructured-50-variance", pattern="unstructured:0.5", variance_correction=True)
+    return out
+
+
+PRESETS: dict[str, SparsityRecipe] = _presets()
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)

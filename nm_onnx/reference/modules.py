@@ -1,0 +1,205 @@
+"""Simulate a recipe on a Hugging Face model by wrapping its targeted nn.Linear modules.
+
+`sparsify_model(model, recipe, artifact)` replaces every targeted `nn.Linear` with a `SparseLinear`
+that shares the original weight and bias Parameters (state-dict keys are unchanged) and computes
+`functional.sparse_linear`. The model's own code is untouched; `unsparsify_model` puts the plain
+linears back. Constants come from the calibration artifact; amber/wanda factors are computed from the
+weights when no artifact is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.recipe import SparsityRecipe
+from nm_onnx.reference import functional as F
+
+CONSTANT_NAMES = ("static_shift", "channel_scale", "learned_shift", "scale_a", "scale_b")
+
+
+class SparseLinear(nn.Module):
+    """An nn.Linear under N:M activation sparsity (one recipe, one module path)."""
+
+    def __init__(self, linear: nn.Linear, recipe: SparsityRecipe, path: str):
+        super().__init__()
+        self.path = path
+        self.recipe = recipe
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.original = [linear]  # a list, so it is not registered as a submodule
+        k, o = self.in_features, self.out_features
+        self.n, self.m = recipe.group(k)
+        if k % self.m != 0:
+            raise NmOnnxError(
+                f"pattern {recipe.pattern} does not fit {path}: its input size K={k} is not a multiple "
+                f"of M={self.m}; exclude this module from the recipe's targets"
+            )
+        self.enabled = True  # False: behave as the dense linear (used by calibration)
+        self.stats = None  # dict: when set, dense forwards accumulate median statistics
+        dev = self.weight.device
+        self.channel_scale = None
+        self.static_shift = None
+        self.learned_shift = None
+        self.scale_a = None
+        self.scale_b = None
+        if recipe.shift == "learned":
+            self.learned_shift = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev))
+        if recipe.scale_shift:
+            self.scale_a = nn.Parameter(torch.zeros(o, dtype=torch.float32, device=dev))
+            self.scale_b = nn.Parameter(torch.zeros(o, dtype=torch.float32, device=dev))
+
+    def learnable(self) -> list[nn.Parameter]:
+        return [p for p in (self.learned_shift, self.scale_a, self.scale_b) if p is not None]
+
+    def set_constants(self, constants: dict) -> None:
+        """Load constants (numpy or torch) named as in the calibration artifact."""
+        for name, value in constants.items():
+            if name not in CONSTANT_NAMES:
+                raise NmOnnxError(f"{self.path}: unknown calibration constant '{name}'")
+            t = torch.as_tensor(value, dtype=torch.float32, device=self.weight.device)
+            want = {
+                "static_shift": None,
+                "channel_scale": (self.in_features,),
+                "learned_shift": (self.in_features,),
+                "scale_a": (self.out_features,),
+                "scale_b": (self.out_features,),
+            }[name]
+            if want is None and t.numel() != 1 or want is not None and tuple(t.shape) != want:
+                raise NmOnnxError(
+                    f"{self.path}: calibration constant '{name}' has shape {tuple(t.shape)}, "
+                    f"expected {want or '[] or [1]'}; the artifact does not belong to this model"
+                )
+            current = getattr(self, name)
+            if isinstance(current, nn.Parameter):
+                with torch.no_grad():
+                    current.copy_(t)
+            else:
+                setattr(self, name, t)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The constants this module carries (what the calibration artifact stores)."""
+        out = {}
+        for name in CONSTANT_NAMES:
+            v = getattr(self, name)
+            if v is not None:
+                v = v.detach().to("cpu", torch.float32).clone()
+                out[name] = v.reshape(1) if name == "static_shift" else v
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            if self.stats is not None:
+                with torch.no_grad():
+                    med = F.token_median(x.detach().float())
+                    self.stats["median_sum"] = self.stats.get("median_sum", 0.0) + float(
+                        med.double().sum()
+                    )
+                    self.stats["tokens"] = self.stats.get("tokens", 0) + med.numel()
+            return nn.functional.linear(x, self.weight, self.bias)
+        r = self.recipe
+        if r.criterion in F.CHANNEL_FACTOR_CRITERIA and self.channel_scale is None:
+            self.channel_scale = torch.from_numpy(F.channel_factors(self.weight, r.criterion)).to(
+                self.weight.device
+            )
+        return F.sparse_linear(
+            x,
+            self.weight,
+            self.bias,
+            n=self.n,
+            m=self.m,
+            criterion=r.criterion,
+            shift=r.shift,
+            variance_correction=r.variance_correction,
+            channel_scale=self.channel_scale,
+            static_shift=self.static_shift,
+            learned_shift=self.learned_shift,
+            scale_a=self.scale_a,
+            scale_b=self.scale_b,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: {self.in_features}->{self.out_features}, {self.recipe.describe()}"
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    """Paths of every nn.Linear (or already wrapped SparseLinear) in the model, in module order."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, SparseLinear))]
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, SparseLinear)}
+
+
+def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None, strict: bool = True):
+    """Wrap the recipe's targeted linears in place; returns the model.
+
+    artifact: a `CalibrationArtifact` (or None). strict=True requires every constant the recipe needs
+    from calibration (static shift, learned shift, scale/shift); strict=False starts them at their
+    initial values (zero), which is what layer-wise calibration fits.
+    """
+    recipe = SparsityRecipe.load(recipe)
+    if sparse_modules(model):
+        raise NmOnnxError("model is already sparsified; call unsparsify_model first")
+    paths = recipe.match(linear_paths(model))
+    if not paths:
+        raise NmOnnxError(f"recipe '{recipe.name}': every target is excluded; nothing to sparsify")
+    wrappers = {p: SparseLinear(model.get_submodule(p), recipe, p) for p in paths}
+    for p, w in wrappers.items():
+        if artifact is not None:
+            consts = artifact.constants(p)
+            if recipe.shift != "static":
+                consts.pop("static_shift", None)
+            w.set_constants(consts)
+        if strict:
+            missing = []
+            if recipe.shift == "static" and w.static_shift is None:
+                missing.append("static_shift")
+            if recipe.needs_fitting and artifact is None:
+                missing.append("learned parameters")
+            if artifact is not None and recipe.needs_fitting:
+                c = artifact.constants(p)
+                if recipe.shift == "learned" and "learned_shift" not in c:
+                    missing.append("learned_shift")
+                if recipe.scale_shift and not {"scale_a", "scale_b"} <= set(c):
+                    missing.append("scale_a/scale_b")
+            if missing:
+                raise NmOnnxError(
+                    f"recipe '{recipe.name}' needs calibration constants ({', '.join(missing)}) for {p}; "
+                    "run `nm-onnx calibrate` and pass its output with --calibration"
+                )
+    for p, w in wrappers.items():
+        _set_module(model, p, w)
+    return model
+
+
+def unsparsify_model(model: nn.Module) -> nn.Module:
+    """Put the original nn.Linear modules back (undo sparsify_model)."""
+    for p, w in sparse_modules(model).items():
+        _set_module(model, p, w.original[0])
+    return model
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, ModuleList) of the decoder blocks: the ModuleList named '*layers' with
+    config.num_hidden_layers entries (model.layers, model.language_model.layers, ...)."""
+    want = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if want is None:
+        want = getattr(getattr(getattr(model, "config", None), "text_config", None), "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        is_blocks = isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")
+        if is_blocks and (want is None or len(mod) == want):
+            best = (name, mod)
+            break
+    if best is None:
+        raise NmOnnxError("cannot find the model's decoder layers (a ModuleList named 'layers')")
+    return best
