@@ -1,0 +1,26 @@
+"""`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable]`."""
+
+NAME = "transform"
+HELP = "Rewrite an exported model with N:M activation sparsity ops (shift, mask, sparse MatMul)."
+
+
+def add_arguments(p):
+    p.add_argument("input", help="dense model: an .onnx file or an optimum export directory")
+    p.add_argument("output", help="output .onnx file (or directory, for a directory input)")
+    p.add_argument("--recipe", required=True, help="recipe JSON file, preset name (`nm-onnx recipes`) or artifact dir")
+    p.add_argument("--calibration", default=None, help="calibration artifact directory (`nm-onnx calibrate`)")
+    p.add_argument("--no-fuse", action="store_true", help="keep the unfused TokenShift/NMMask/MatMul form")
+    p.add_argument("--portable", action="store_true",
+                   help="attach standard-ONNX function bodies so the model runs without the op library")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    from nm_onnx.transform import transform
+
+    report = transform(args.input, args.output, args.recipe, args.calibration,
+                       fuse=not args.no_fuse, portable=args.portable)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0

@@ -1,0 +1,70 @@
+"""finish: make the rewritten model complete and self-describing.
+
+Adds the `nm_onnx` opset import to the model and to every function scope that uses it, attaches the
+standard-ONNX decompositions as model-local functions with `--portable` (the model then runs without
+the op library), records recipe, calibration digest and nm-onnx version in metadata_props, keeps
+ir_version at what the pinned onnxruntime accepts, then runs the onnx checker and shape inference
+(both on the graph without weight data, so a 13 GB model is never loaded).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.ops.schemas import DOMAIN, OPSET_VERSION
+
+MIN_IR_VERSION = 8  # model-local functions
+MAX_IR_VERSION = 10  # onnxruntime >= 1.21 reads IR <= 10 (onnx 1.23 would write 14)
+
+
+def _uses_domain(nodes) -> bool:
+    return any(n.domain == DOMAIN for n in nodes)
+
+
+class FinishPass(ir.passes.InPlacePass):
+    def __init__(self, recipe, calibration_digest: str | None = None, portable: bool = False, check: bool = True):
+        super().__init__()
+        self.recipe = recipe
+        self.calibration_digest = calibration_digest
+        self.portable = portable
+        self.check = check
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from nm_onnx import __version__
+
+        model.opset_imports[DOMAIN] = OPSET_VERSION
+        for func in model.functions.values():
+            if _uses_domain(func):
+                func.opset_imports[DOMAIN] = OPSET_VERSION
+        if self.portable:
+            self._attach_functions(model)
+        meta = model.metadata_props
+        meta["nm_onnx.recipe"] = self.recipe.to_json(indent=None)
+        meta["nm_onnx.recipe_digest"] = self.recipe.digest()
+        meta["nm_onnx.calibration_digest"] = self.calibration_digest or ""
+        meta["nm_onnx.version"] = __version__
+        meta["nm_onnx.portable"] = "1" if self.portable else "0"
+        needed = onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items() if d in ("", "ai.onnx", "ai.onnx.ml")],
+            ignore_unknown=True,
+        )
+        model.ir_version = min(max(needed, MIN_IR_VERSION, min(model.ir_version, MAX_IR_VERSION)), MAX_IR_VERSION)
+        if self.check:
+            common_passes.CheckerPass(full_check=False)(model)
+            common_passes.ShapeInferencePass(strict_mode=False)(model)
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _attach_functions(model: ir.Model) -> None:
+        from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, function_protos
+
+        opset = int(model.opset_imports.get("", 18))
+        for proto in function_protos(opset=opset):
+            func = ir.serde.deserialize_function(proto)
+            if func.identifier() in model.functions:
+                raise NmOnnxError(f"model already defines function {func.identifier()}")
+            model.functions[func.identifier()] = func
+        model.opset_imports.setdefault(ML_DOMAIN, ML_OPSET)

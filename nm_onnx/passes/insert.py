@@ -1,0 +1,150 @@
+"""insert: the unfused form of activation sparsity at every planned linear site.
+
+Per site (X -> MatMul(X, B) -> Y), by recipe:
+    Xc, eta = TokenShift(X)               dynamic median/mean shift     | Xc = Sub(X, s)  static/learned
+    Xh      = NMMask(Xc[, channel_scale]) Amber/Wanda factors baked, criterion clact as attribute
+    Z       = MatMul(Xh, B)               the original node, B untouched (Cast/Transpose kept)
+    Z       = Add(Z, Mul(eta, r))         r = W·1 (dynamic)   | Add(Z, s·B) baked (static/learned)
+    Z       = Mul(Z, v)                   variance correction, v = sqrt(var(X)/max(var(X^),1e-9))
+    Z       = Add(Mul(Z, 1 + a), b)       learned scale_shift
+The original consumers of Y (e.g. the linear's bias Add) read the last Z. This is the deployable form
+of `nm_onnx.reference.sparse_linear`; the fuse pass turns it into one NMSparseMatMul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from nm_onnx.graph.constants import shift_times_weight, weight_constants
+from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect
+
+VAR_EPS = 1e-9
+
+
+def _opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18)))
+
+
+def _reduce(op: str, x, site, what: str, opset: int, axes_value: ir.Value | None) -> ir.Node:
+    if op == "ReduceMean" and opset < 18 or op == "ReduceSum" and opset < 13:
+        return make(op, [x], site, what, {"axes": [-1], "keepdims": 1})
+    return make(op, [x, axes_value], site, what, {"keepdims": 1})
+
+
+def variance_scale_nodes(graph, site, x: ir.Value, xh: ir.Value, dtype, opset: int) -> tuple[list, ir.Value]:
+    """Nodes computing v = sqrt(var(x) / max(var(xh), 1e-9)) per row (unbiased, float32) as `dtype`."""
+    k = site.k
+    axes = constant(graph, site, "vc_axes", np.array([-1], dtype=np.int64), ir.DataType.INT64)
+    dof = constant(graph, site, "vc_dof", np.array(max(k - 1, 1), dtype=np.float32), ir.DataType.FLOAT)
+    eps = constant(graph, site, "vc_eps", np.array(VAR_EPS, dtype=np.float32), ir.DataType.FLOAT)
+    nodes: list[ir.Node] = []
+
+    def var(value, tagname):
+        cast = make("Cast", [value], site, f"vc_{tagname}_cast", {"to": ir.DataType.FLOAT})
+        mean = _reduce("ReduceMean", cast.outputs[0], site, f"vc_{tagname}_mean", opset, axes)
+        d = make("Sub", [cast.outputs[0], mean.outputs[0]], site, f"vc_{tagname}_centered")
+        sq = make("Mul", [d.outputs[0], d.outputs[0]], site, f"vc_{tagname}_squares")
+        ss = _reduce("ReduceSum", sq.outputs[0], site, f"vc_{tagname}_sum", opset, axes)
+        v = make("Div", [ss.outputs[0], dof], site, f"vc_{tagname}_var")
+        nodes.extend([cast, mean, d, sq, ss, v])
+        return v.outputs[0]
+
+    vx = var(x, "x")
+    vh = var(xh, "xh")
+    floor = make("Max", [vh, eps], site, "vc_floor")
+    ratio = make("Div", [vx, floor.outputs[0]], site, "vc_ratio")
+    root = make("Sqrt", [ratio.outputs[0]], site, "vc_sqrt")
+    back = make("Cast", [root.outputs[0]], site, "vc_scale", {"to": dtype})
+    nodes.extend([floor, ratio, root, back])
+    return nodes, back.outputs[0]
+
+
+def insert_site(model: ir.Model, plan: SitePlan, opset: int) -> None:
+    graph = model.graph
+    site = plan.site
+    matmul = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
+    x, y = matmul.inputs[0], matmul.outputs[0]
+    dtype = activation_dtype(matmul)
+    need_r = plan.shift in ("median", "mean")
+    calibrated = plan.constants.get("channel_scale")  # an artifact's factors win over recomputing them
+    factors, r = weight_constants(model, site, None if calibrated is not None else plan.criterion, need_r)
+    if calibrated is not None and plan.criterion in ("amber", "wanda"):
+        factors = calibrated.reshape(-1)
+
+    before: list[ir.Node] = []
+    after: list[ir.Node] = []
+    eta = None
+    xc = x
+    if plan.shift in ("median", "mean"):
+        ts = make("TokenShift", [x], site, "TokenShift", {"mode": plan.shift}, domain=DOMAIN, outputs=2)
+        before.append(ts)
+        xc, eta = ts.outputs
+    elif plan.shift in ("static", "learned"):
+        key = "static_shift" if plan.shift == "static" else "learned_shift"
+        s = plan.constants[key].reshape(-1)
+        s_val = constant(graph, site, key, s, dtype)
+        sub = make("Sub", [x, s_val], site, "shift_sub")
+        before.append(sub)
+        xc = sub.outputs[0]
+
+    mask_inputs = [xc]
+    if factors is not None:
+        mask_inputs.append(constant(graph, site, "channel_scale", factors, dtype))
+    criterion = "clact" if plan.criterion == "clact" else "magnitude"
+    mask = make("NMMask", mask_inputs, site, "NMMask", {"n": plan.n, "m": plan.m, "criterion": criterion}, domain=DOMAIN)
+    before.append(mask)
+    xh = mask.outputs[0]
+    matmul.replace_input_with(0, xh)
+
+    z = y
+    if eta is not None:
+        r_val = constant(graph, site, "shift_bias", r, dtype)
+        mul = make("Mul", [eta, r_val], site, "shift_bias_mul")
+        add = make("Add", [z, mul.outputs[0]], site, "shift_bias_add")
+        after += [mul, add]
+        z = add.outputs[0]
+    elif plan.shift in ("static", "learned"):
+        key = "static_shift" if plan.shift == "static" else "learned_shift"
+        sb = shift_times_weight(model, site, plan.constants[key])
+        add = make("Add", [z, constant(graph, site, "shift_bias_const", sb, dtype)], site, "shift_bias_const_add")
+        after.append(add)
+        z = add.outputs[0]
+    if plan.variance_correction:
+        xhat = xh
+        if plan.shift == "learned":  # x^ = xh + s is not a per-row constant shift of xh
+            back = make("Add", [xh, before[0].inputs[1]], site, "vc_xhat")
+            after.append(back)
+            xhat = back.outputs[0]
+        nodes, v = variance_scale_nodes(graph, site, x, xhat, dtype, opset)
+        apply = make("Mul", [z, v], site, "vc_apply")
+        after += nodes + [apply]
+        z = apply.outputs[0]
+    if plan.scale_shift:
+        a = plan.constants["scale_a"].reshape(-1).astype(np.float64)
+        b = plan.constants["scale_b"].reshape(-1)
+        mul = make("Mul", [z, constant(graph, site, "scale_a_plus_1", 1.0 + a, dtype)], site, "scale_mul")
+        add = make("Add", [mul.outputs[0], constant(graph, site, "scale_b", b, dtype)], site, "scale_add")
+        after += [mul, add]
+        z = add.outputs[0]
+
+    graph.insert_before(matmul, before)
+    if after:
+        graph.insert_after(matmul, after)
+        redirect(graph, y, z, skip=set(after))
+
+
+class InsertPass(ir.passes.InPlacePass):
+    """Insert the unfused sparsity chain at every site of `plans` (weights read one at a time)."""
+
+    def __init__(self, locate):
+        super().__init__()
+        self.locate = locate  # the LocatePass whose plans this pass executes
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = _opset(model)
+        plans: list[SitePlan] = self.locate.plans
+        for plan in plans:
+            insert_site(model, plan, opset)
+        return ir.passes.PassResult(model, bool(plans))

@@ -1,0 +1,117 @@
+"""locate: recipe target globs -> linear sites, with every precondition of the rewrite checked.
+
+Fails early with one actionable line (NmOnnxError) for: an already-transformed model, a glob that
+matches nothing (lists module paths), an unstructured pattern (reference-only), a pattern whose M
+does not divide K at a site (names the site), calibration constants the recipe needs but nothing
+provides (names them). Sites not selected by the recipe are reported as dense, with the reason.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.graph.sites import find_linear_sites
+from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.passes.common import PassReport, SitePlan
+
+_NEEDED = {"static": ["static_shift"], "learned": ["learned_shift"]}
+
+
+def check_not_transformed(model: ir.Model) -> None:
+    nm_nodes = [n.name for n in model.graph if n.domain == DOMAIN]
+    keys = [k for k in model.metadata_props if k.startswith("nm_onnx.")]
+    if nm_nodes or keys:
+        what = f"nm_onnx node '{nm_nodes[0]}'" if nm_nodes else f"metadata '{keys[0]}'"
+        raise NmOnnxError(
+            f"model is already transformed by nm-onnx (it has {what}); transform the dense export instead"
+        )
+
+
+def needed_constants(recipe) -> list[str]:
+    names = list(_NEEDED.get(recipe.shift, []))
+    if recipe.scale_shift:
+        names += ["scale_a", "scale_b"]
+    return names
+
+
+class LocatePass(ir.passes.InPlacePass):
+    """Resolve the recipe against the model's linear sites into `self.plans` (no graph change)."""
+
+    def __init__(self, recipe, calibration=None, report: PassReport | None = None):
+        super().__init__()
+        self.recipe = recipe
+        self.calibration = calibration
+        self.report = report if report is not None else PassReport()
+        self.plans: list[SitePlan] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        recipe = self.recipe
+        check_not_transformed(model)
+        if recipe.is_unstructured:
+            raise NmOnnxError(
+                f"recipe '{recipe.name}': pattern '{recipe.pattern}' is unstructured; the ONNX ops support "
+                "N:M patterns only (unstructured sparsity is reference-only: use `nm-onnx evaluate-torch`)"
+            )
+        sites = find_linear_sites(model)
+        if not sites:
+            raise NmOnnxError("the model has no linear sites (MatMul with a constant [K, O] weight) to sparsify")
+        selected = set(recipe.match([s.module for s in sites]))
+        n, m = recipe.n, recipe.m
+        for s in sites:
+            if s.module in selected and s.k % m != 0:
+                raise NmOnnxError(
+                    f"recipe '{recipe.name}': pattern {recipe.pattern} does not divide K={s.k} at site "
+                    f"'{s.module}' (K % {m} != 0); choose another pattern or exclude this module"
+                )
+        needed = needed_constants(recipe)
+        if needed and self.calibration is None:
+            raise NmOnnxError(
+                f"recipe '{recipe.name}' needs calibration constants {', '.join(needed)}; "
+                "pass --calibration ARTIFACT_DIR (create it with `nm-onnx calibrate`)"
+            )
+        if self.calibration is not None:
+            self._check_artifact_recipe()
+        self.plans = []
+        for s in sites:
+            if s.module not in selected:
+                self.report.add(s, "dense", "not selected by the recipe targets/exclude")
+                continue
+            constants = self.calibration.constants(s.module) if self.calibration is not None else {}
+            missing = [c for c in needed if c not in constants]
+            if missing:
+                raise NmOnnxError(
+                    f"calibration artifact has no {', '.join(missing)} for site '{s.module}'; "
+                    "re-run `nm-onnx calibrate` with this recipe and model"
+                )
+            self._check_shapes(s, constants)
+            self.plans.append(
+                SitePlan(
+                    site=s, n=n, m=m, criterion=recipe.criterion, shift=recipe.shift,
+                    variance_correction=recipe.variance_correction, scale_shift=recipe.scale_shift,
+                    constants=constants,
+                )
+            )
+            self.report.add(s, "sparse")
+        return ir.passes.PassResult(model, False)
+
+    def _check_artifact_recipe(self) -> None:
+        a, r = self.calibration.recipe, self.recipe
+        fields = ("pattern", "criterion", "shift", "scale_shift", "variance_correction")
+        diff = [f for f in fields if getattr(a, f) != getattr(r, f)]
+        if diff:
+            raise NmOnnxError(
+                f"calibration artifact was made for recipe '{a.name}', which differs from '{r.name}' in "
+                f"{', '.join(diff)}; calibrate with this recipe or pass the artifact directory as --recipe"
+            )
+
+    @staticmethod
+    def _check_shapes(site, constants) -> None:
+        expect = {"static_shift": (1,), "channel_scale": (site.k,), "learned_shift": (site.k,),
+                  "scale_a": (site.o,), "scale_b": (site.o,)}
+        for name, value in constants.items():
+            if name in expect and tuple(value.reshape(-1).shape) != expect[name]:
+                raise NmOnnxError(
+                    f"calibration constant '{site.module}.{name}' has shape {list(value.shape)}, expected "
+                    f"{list(expect[name])}; the artifact was calibrated on another model"
+                )

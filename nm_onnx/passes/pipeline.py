@@ -1,0 +1,46 @@
+"""The pass pipeline of `nm-onnx transform`: locate -> insert -> [fuse] -> finish (onnx_ir PassManager)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.passes.common import PassReport, SitePlan
+from nm_onnx.passes.finish import FinishPass
+from nm_onnx.passes.fuse import FusePass
+from nm_onnx.passes.insert import InsertPass
+from nm_onnx.passes.locate import LocatePass
+
+__all__ = ["PassReport", "SitePlan", "build_pipeline", "run_pipeline"]
+
+
+def build_pipeline(recipe, calibration=None, fuse: bool = True, portable: bool = False, check: bool = True):
+    """(PassManager, PassReport): the passes in order, sharing one report."""
+    report = PassReport()
+    locate = LocatePass(recipe, calibration, report)
+    passes = [locate, InsertPass(locate)]
+    if fuse:
+        passes.append(FusePass(report))
+    digest = calibration.digest() if calibration is not None else None
+    passes.append(FinishPass(recipe, digest, portable=portable, check=check))
+    return ir.passes.PassManager(passes), report
+
+
+def run_pipeline(model: ir.Model, recipe, calibration=None, fuse: bool = True, portable: bool = False,
+                 check: bool = True) -> PassReport:
+    """Rewrite `model` in place; returns what was done per site."""
+    manager, report = build_pipeline(recipe, calibration, fuse, portable, check)
+    try:
+        manager(model)
+    except ir.passes.PassError as e:  # PassManager wraps errors: surface a user error as itself
+        cause = e
+        while cause is not None and not isinstance(cause, NmOnnxError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    if not fuse:
+        for s in report.sites:
+            if s["action"] == "sparse":
+                report.fused[s["module"]] = "--no-fuse"
+    return report
