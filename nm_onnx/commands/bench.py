@@ -1,0 +1,87 @@
+"""`nm-onnx bench MODEL [--baseline DENSE]`: prefill and decode tokens/s in ORT, side by side.
+
+The sparse model and the baseline are measured interleaved in one run (medians of --repeats), then
+each gets an ORT per-op profile (top ops by time). Numbers are for this machine and thread count;
+no test ever asserts them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+NAME = "bench"
+HELP = "Prefill/decode tokens/s of an ONNX model (and a dense baseline), interleaved, with ORT's per-op profile."
+
+
+def add_arguments(p):
+    p.add_argument("model", help="an .onnx file or export directory (usually the sparse model)")
+    p.add_argument("--baseline", default=None, help="dense model to compare against (same interface)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill (default 512)")
+    p.add_argument("--decode", type=int, default=64, help="decode steps of one token (default 64; 0 = skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--top", type=int, default=10, help="ops shown in each profile (0 = no profile)")
+    p.add_argument("--json", action="store_true")
+
+
+def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, threads=None, top=10,
+          progress=None) -> dict:
+    from nm_onnx.errors import NmOnnxError
+    from nm_onnx.evaluation.latency import cpu_info, measure, op_profile
+    from nm_onnx.runtime import make_session
+
+    if repeats < 1:
+        raise NmOnnxError(f"--repeats must be at least 1, got {repeats}")
+    if decode < 0:
+        raise NmOnnxError(f"--decode must be >= 0, got {decode}")
+    paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    sessions = {name: make_session(p, threads=threads) for name, p in paths.items()}
+    res = measure(sessions, prompt, decode, repeats, warmup, progress)
+    out = {"machine": cpu_info(), "providers": sessions["model"].get_providers(), "prompt": prompt,
+           "decode": decode, "repeats": repeats, "threads": threads,
+           "results": {name: {"path": str(paths[name]), **r} for name, r in res.items()}}
+    if baseline is not None:
+        m, b = res["model"], res["baseline"]
+        out["prefill_speedup"] = m["prefill_tok_s"] / b["prefill_tok_s"]
+        if "decode_tok_s" in m:
+            out["decode_speedup"] = m["decode_tok_s"] / b["decode_tok_s"]
+    if top > 0:
+        for name, p in paths.items():
+            if progress:
+                progress(f"profiling {name}")
+            out["results"][name]["profile"] = op_profile(p, prompt, min(decode, 8), threads, top)
+    return out
+
+
+def bench_markdown(res: dict) -> str:
+    from nm_onnx.evaluation.report import markdown_table
+
+    rows = []
+    for name, r in res["results"].items():
+        rows.append([name, r["path"], f"{r['prefill_tok_s']:.1f}",
+                     f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–"])
+    lines = [f"machine: {res['machine']}; providers {', '.join(res['providers'])}; prompt {res['prompt']} "
+             f"tokens, decode {res['decode']} steps; medians of {res['repeats']} interleaved repeats", "",
+             markdown_table(["model", "path", "prefill tok/s", "decode tok/s"], rows)]
+    if "prefill_speedup" in res:
+        lines += ["", f"speedup vs baseline: prefill {res['prefill_speedup']:.2f}x"
+                  + (f", decode {res['decode_speedup']:.2f}x" if "decode_speedup" in res else "")]
+    for name, r in res["results"].items():
+        if r.get("profile"):
+            lines += ["", f"ORT per-op profile of {name} (top {len(r['profile'])} by time):", "",
+                      markdown_table(["op", "ms", "calls", "share"],
+                                     [[p["op"], f"{p['ms']:.2f}", p["calls"], f"{100 * p['share']:.1f}%"]
+                                      for p in r["profile"]])]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    def progress(msg):
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    res = bench(args.model, args.baseline, args.prompt, args.decode, args.repeats, args.warmup,
+                args.threads, args.top, progress)
+    print(json.dumps(res, indent=2) if args.json else bench_markdown(res))
+    return 0

@@ -1,0 +1,200 @@
+"""lm-eval-harness model type `nm-onnx`: zero-shot tasks through our ONNX Runtime sessions.
+
+Importing this module registers the model type with lm-eval's registry (lm-eval finds models only
+there), so any entry point that imports it can use `--model nm-onnx --model_args path=MODEL`:
+`python -m nm_onnx.evaluation.lm_eval_cli ...` (lm-eval's own CLI + this import + the offline tasks),
+`nm-onnx evaluate MODEL --tasks arc_easy,piqa`, or `lm_eval.simple_evaluate(model="nm-onnx", ...)`
+after `import nm_onnx.evaluation.lm_eval_adapter`.
+
+One ORT forward per request (batch 1), so that masks never depend on padding or batch composition.
+Model args: path (an .onnx file or export directory), tokenizer (default: the model's directory),
+threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+import nm_onnx.models  # noqa: F401 - sets HF_HUB_OFFLINE etc. before lm-eval imports `datasets`
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.evaluation.feeds import has_kv_cache, make_feed, present_to_past
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    lg = np.asarray(logits, dtype=np.float64)
+    mx = lg.max(axis=-1, keepdims=True)
+    return lg - (np.log(np.exp(lg - mx).sum(axis=-1, keepdims=True)) + mx)
+
+
+def load_tokenizer(source):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:  # noqa: BLE001 - many exception types for a missing/bad tokenizer
+        raise NmOnnxError(f"no tokenizer at {source} ({type(e).__name__}); pass tokenizer=DIR") from None
+
+
+@register_model("nm-onnx", "nm_onnx")
+class NmOnnxLM(TemplateLM):
+    """An lm-eval LM over an (optionally N:M-sparse) ONNX causal LM run by ONNX Runtime."""
+
+    def __init__(self, path=None, tokenizer=None, threads=None, max_length=None, session=None, **_ignored):
+        super().__init__()
+        from nm_onnx.runtime import make_session, session_dir
+
+        if session is None:
+            if path is None:
+                raise NmOnnxError("model type nm-onnx needs --model_args path=MODEL.onnx (or an export dir)")
+            session = make_session(path, threads=int(threads) if threads else None)
+            tok_src = tokenizer or session_dir(path)
+        else:
+            tok_src = tokenizer
+        self.session = session
+        self.tokenizer = load_tokenizer(tok_src) if isinstance(tok_src, (str, Path)) else tok_src
+        self._outputs = [o.name for o in session.get_outputs()]
+        if "logits" not in self._outputs:
+            raise NmOnnxError("the ONNX model has no 'logits' output; export a causal LM with `nm-onnx export`")
+        self._max_length = int(max_length) if max_length else _config_max_length(path)
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def eot_token_id(self) -> int:
+        t = self.tokenizer
+        return t.eos_token_id if t.eos_token_id is not None else 0
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _logprobs(self, ids: list[int]) -> np.ndarray:
+        """Log-softmax [T, V] (float64) of one forward over `ids`."""
+        arr = np.asarray(ids, dtype=np.int64)[None, :]
+        logits = self.session.run(["logits"], make_feed(self.session, arr))[0][0]
+        return log_softmax(logits)
+
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        whole = (context + continuation)[-(self.max_length + 1):]
+        inp = whole[:-1]
+        n = len(continuation)
+        lp = self._logprobs(inp)[-n:]
+        tgt = np.asarray(whole[-n:])
+        logprob = float(lp[np.arange(n), tgt].sum())
+        greedy = bool((lp.argmax(-1) == tgt).all())
+        return logprob, greedy
+
+    # ---------------------------------------------------------------- lm-eval API
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        out = []
+        for (pair, ctx, cont) in tqdm(requests, desc="loglikelihood (ORT)", disable=disable_tqdm, leave=False):
+            res = self._score(list(ctx), list(cont))
+            if self.cache_hook is not None:
+                self.cache_hook.add_partial("loglikelihood", pair, res)
+            out.append(res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in tqdm(requests, desc="rolling loglikelihood (ORT)", disable=disable_tqdm, leave=False):
+            (text,) = req.args
+            windows = get_rolling_token_windows(
+                self.tok_encode(text), self.prefix_token_id, self.max_length, 1
+            )
+            total = 0.0
+            for ctx, pred in map(make_disjoint_window, windows):
+                total += self._score(list(ctx), list(pred))[0]
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for req in tqdm(requests, desc="generate (ORT)", disable=disable_tqdm, leave=False):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
+            text = self.generate_greedy(ids, max_new, until)
+            out.append(text)
+        return out
+
+    def generate_greedy(self, ids: list[int], max_new: int, until: list[str] = ()) -> str:
+        """Greedy decoding (KV cache when the model has one), stopped at EOS or any `until` string."""
+        sess = self.session
+        new: list[int] = []
+        kv = has_kv_cache(sess)
+        feed_ids, past, past_len = list(ids), None, 0
+        for _ in range(max_new):
+            if kv:
+                res = sess.run(None, make_feed(sess, np.asarray(feed_ids)[None, :], past, past_len))
+                logits = res[self._outputs.index("logits")]
+                past, past_len = present_to_past(sess, res), past_len + len(feed_ids)
+            else:
+                all_ids = (ids + new)[-self.max_length:]
+                logits = sess.run(["logits"], make_feed(sess, np.asarray(all_ids)[None, :]))[0]
+            nxt = int(np.argmax(logits[0, -1]))
+            if nxt == self.eot_token_id:
+                break
+            new.append(nxt)
+            feed_ids = [nxt]
+            text = self.tok_decode(new)
+            if any(u in text for u in until):
+                return text[: min(text.index(u) for u in until if u in text)]
+            if past_len + 1 > self.max_length:
+                break
+        return self.tok_decode(new)
+
+
+def _config_max_length(path) -> int:
+    if path is not None:
+        p = Path(path)
+        cfg = (p if p.is_dir() else p.parent) / "config.json"
+        if cfg.is_file():
+            try:
+                v = json.loads(cfg.read_text()).get("max_position_embeddings")
+                if isinstance(v, int) and v > 1:
+                    return min(v, 4096)
+            except (ValueError, OSError):
+                pass
+    return 2048
+
+
+def evaluate_tasks(model_path, tasks, limit=None, threads=None, tokenizer=None, session=None) -> dict:
+    """Zero-shot accuracy of MODEL on offline tasks: {task: {metric: value}} (lm-eval, 0-shot)."""
+    import lm_eval
+
+    from nm_onnx.evaluation.tasks import parse_tasks, task_manager
+
+    names = parse_tasks(tasks)
+    lm = NmOnnxLM(path=model_path, tokenizer=tokenizer, threads=threads, session=session)
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(names),
+        bootstrap_iters=0, log_samples=False,
+    )
+    out = {}
+    for name in names:
+        metrics = res["results"].get(name, {})
+        out[name] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float)) and not math.isnan(float(v))
+        }
+        out[name]["samples"] = int(res.get("n-samples", {}).get(name, {}).get("effective", 0))
+    return out

@@ -1,0 +1,143 @@
+"""Offline lm-eval task configs for the paper's zero-shot tasks (arc_easy, arc_challenge, boolq, piqa).
+
+lm-eval's own task YAMLs load their data from the Hugging Face hub. Here the same prompts, targets and
+metrics read the offline copies in the shared data folder (`nm_onnx.data.find_data_file`, so a fresh
+clone with ../shared beside it works): each data file is converted once into the Hugging Face row
+format (jsonl) and a task YAML pointing at it (`dataset_path: json`) is written next to it, in
+`$NM_ONNX_CACHE/lm-eval-tasks`. `task_dir()` is what lm-eval's `--include_path` takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nm_onnx.data import find_data_file
+from nm_onnx.errors import NmOnnxError
+
+# task name -> (data files relative to the shared data folder, prompt part of the YAML)
+_MC_METRICS = """metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+_ARC = """output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices.label.index(answerKey)}}"
+doc_to_choice: "{{choices.text}}"
+""" + _MC_METRICS
+TASKS = {
+    "arc_easy": (["zeroshot/arc_easy/ARC-Easy-Test.jsonl"], _ARC),
+    "arc_challenge": (["zeroshot/arc_challenge/ARC-Challenge-Test.jsonl"], _ARC),
+    "boolq": (
+        ["zeroshot/boolq/val.jsonl"],
+        """output_type: multiple_choice
+doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: ["no", "yes"]
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+    ),
+    "piqa": (
+        ["zeroshot/piqa/dev.jsonl", "zeroshot/piqa/dev-labels.lst"],
+        """output_type: multiple_choice
+doc_to_text: "Question: {{goal}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{[sol1, sol2]}}"
+""" + _MC_METRICS,
+    ),
+}
+KNOWN_TASKS = tuple(TASKS)
+
+
+def parse_tasks(spec: str | list[str]) -> list[str]:
+    """'arc_easy,piqa' -> ['arc_easy', 'piqa']; an unknown name is a NmOnnxError listing the known ones."""
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not names:
+        raise NmOnnxError(f"no task given; choose from {', '.join(KNOWN_TASKS)}")
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise NmOnnxError(
+            f"unknown task {', '.join(repr(t) for t in unknown)}; known offline tasks: {', '.join(KNOWN_TASKS)}"
+        )
+    return names
+
+
+def _rows(task: str, files: list[Path]) -> list[dict]:
+    """Rows in the Hugging Face dataset format the lm-eval prompts expect."""
+    lines = [json.loads(s) for s in files[0].read_text(encoding="utf-8").splitlines() if s.strip()]
+    if task.startswith("arc_"):
+        return [
+            {
+                "id": r["id"],
+                "question": r["question"]["stem"],
+                "choices": {
+                    "text": [c["text"] for c in r["question"]["choices"]],
+                    "label": [c["label"] for c in r["question"]["choices"]],
+                },
+                "answerKey": r["answerKey"],
+            }
+            for r in lines
+        ]
+    if task == "boolq":
+        def label(v):
+            return int(v if isinstance(v, (bool, int)) else str(v).strip().lower() == "true")
+
+        return [{"question": r["question"], "passage": r["passage"], "label": label(r["label"])} for r in lines]
+    if task == "piqa":
+        labels = [int(s) for s in files[1].read_text().split()]
+        if len(labels) != len(lines):
+            raise NmOnnxError(f"piqa: {files[1]} has {len(labels)} labels for {len(lines)} questions")
+        return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in zip(lines, labels)]
+    raise NmOnnxError(f"unknown task {task!r}")
+
+
+def task_dir(tasks: list[str] | None = None) -> Path:
+    """Folder with the offline task YAMLs (+ converted data) for `tasks` (default: all found)."""
+    from nm_onnx.io import atomic_file
+    from nm_onnx.models import cache_dir
+
+    names = parse_tasks(tasks) if tasks is not None else list(TASKS)
+    out = cache_dir() / "lm-eval-tasks"
+    for name in names:
+        rel, prompt = TASKS[name]
+        files = [find_data_file(r) for r in rel]
+        if any(f is None for f in files):
+            if tasks is None:
+                continue  # only the tasks whose data exist
+            missing = [r for r, f in zip(rel, files) if f is None]
+            raise NmOnnxError(
+                f"task {name}: offline data {missing[0]} not found; set NM_ONNX_DATA to the shared data "
+                "folder (../shared/data beside the project)"
+            )
+        data = out / f"{name}.jsonl"
+        stamp = " ".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        yaml = out / f"{name}.yaml"
+        header = f"# generated by nm_onnx.evaluation.tasks from {stamp}\n"
+        if not (yaml.is_file() and data.is_file() and yaml.read_text().startswith(header)):
+            with atomic_file(data) as f:
+                for r in _rows(name, files):
+                    f.write(json.dumps(r) + "\n")
+            with atomic_file(yaml) as f:
+                f.write(
+                    header
+                    + f"task: {name}\ndataset_path: json\ndataset_name: null\n"
+                    + f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+                    + "test_split: test\n"
+                    + prompt
+                    + "metadata:\n  version: 1.0\n"
+                )
+    return out
+
+
+def task_manager(tasks: list[str] | None = None):
+    """An lm-eval TaskManager that knows only the offline tasks (indexing lm-eval's ~10k YAMLs is slow)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir(tasks)), include_defaults=False)

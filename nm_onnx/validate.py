@@ -1,0 +1,505 @@
+"""Parity checks of a transformed model: can the user trust the deployed number? (`tools/validate.py`)
+
+(a) dense ONNX vs PyTorch logits on real text: max |diff| < 1e-3 and top-1 agreement 100%.
+(b) layer-wise: the PyTorch reference's input of every sparsified site is captured on real text
+    (forward hooks on the SparseLinear wrappers); the site's ONNX subgraph (every node between the
+    site's input value and its output, cut out of the sparse model with its constants) runs through
+    ORT + the op library on exactly that input. Masks identical (the nonzero pattern of the pruned
+    activation: the NMMask output in the unfused form, the library's TokenShift + NMMask on the
+    node's own input for a fused NMSparseMatMul), outputs within 1e-5 relative (max |diff| / max |ref|).
+(c) end to end: ORT perplexity of the sparse model within 1% of the PyTorch simulation's.
+(d) every op kernel of the library vs its numpy reference on random inputs (masks bit for bit,
+    arithmetic to float tolerance).
+Whole-model logits of a masked model are not compared tightly: upstream 1e-4 noise flips masks.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from nm_onnx.errors import NmOnnxError
+
+CHECKS = {
+    "a": "dense ONNX vs PyTorch logits",
+    "b": "layer-wise site parity (masks, outputs)",
+    "c": "sparse ORT perplexity vs PyTorch simulation",
+    "d": "op kernels vs numpy reference",
+}
+LOGIT_TOL = 1e-3
+SITE_REL_TOL = 1e-5
+PPL_REL_TOL = 0.01
+
+
+@dataclass
+class CheckResult:
+    check: str  # "a".."d"
+    name: str
+    passed: bool
+    value: float | None  # the headline number
+    threshold: str
+    details: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def line(self) -> str:
+        v = "n/a" if self.value is None else f"{self.value:.3g}"
+        return f"{self.status} ({self.check}) {self.name}: {v} (threshold {self.threshold})"
+
+
+def _log(msg: str) -> None:
+    print(f"[validate] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ (a)
+def check_dense_logits(dense_path, model, windows: np.ndarray) -> CheckResult:
+    import torch
+
+    from nm_onnx.evaluation.feeds import make_feed
+    from nm_onnx.runtime import make_session
+
+    sess = make_session(dense_path)
+    worst, agree, total = 0.0, 0, 0
+    for w in windows:
+        ids = w[None, :]
+        lo = sess.run(["logits"], make_feed(sess, ids))[0]
+        with torch.inference_mode():
+            lt = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+        worst = max(worst, float(np.abs(lo - lt).max()))
+        agree += int((lo.argmax(-1) == lt.argmax(-1)).sum())
+        total += lo.shape[1]
+    top1 = agree / total
+    return CheckResult("a", CHECKS["a"], worst < LOGIT_TOL and agree == total, worst,
+                       f"max |diff| < {LOGIT_TOL:g}, top-1 100%",
+                       {"max_abs_diff": worst, "top1_agreement": top1, "tokens": total})
+
+
+# ------------------------------------------------------------------------------------------ (b)
+def _producers(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def site_output_value(graph, site) -> str:
+    """The value that carries the site's result to the rest of the sparse graph.
+
+    The site's nodes are named after it (`/model/layers.3/mlp/down_proj/...`); its result is the last
+    value (in graph order) they produce that is used outside the site or is a graph output. A site the
+    transform left alone falls back to the dense MatMul (+ bias Add) output.
+    """
+    prefix = site.matmul.rsplit("/", 1)[0] + "/"
+    outputs = {o.name for o in graph.output}
+    outside_uses = {i for n in graph.node if not n.name.startswith(prefix) for i in n.input}
+    last = None
+    for n in graph.node:
+        if n.name.startswith(prefix):
+            for o in n.output:
+                if o and (o in outside_uses or o in outputs):
+                    last = o
+    if last is not None:
+        return last
+    prod = _producers(graph)
+    for cand in ([_add_output(graph, site.bias_add)] if site.bias_add else []) + [site.output]:
+        if cand and cand in prod:
+            return cand
+    raise NmOnnxError(
+        f"cannot locate the output of site {site.module} in the sparse model; "
+        "was it transformed from this dense model?"
+    )
+
+
+def _add_output(graph, add_name: str) -> str | None:
+    for n in graph.node:
+        if n.name == add_name:
+            return n.output[0]
+    return None
+
+
+def extract_site(model, x_name: str, y_name: str):
+    """A standalone ModelProto computing y_name from x_name (+ constants) out of `model`, or an error."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    prod = _producers(g)
+    inits = {t.name: t for t in g.initializer}
+    nodes, seen, used_inits = [], set(), set()
+    stack = [y_name]
+    while stack:
+        v = stack.pop()
+        if v == x_name or v in seen or not v:
+            continue
+        seen.add(v)
+        if v in inits:
+            used_inits.add(v)
+            continue
+        n = prod.get(v)
+        if n is None:
+            raise NmOnnxError(
+                f"value {v!r} feeding {y_name!r} is neither produced between the site's input {x_name!r} "
+                "and its output nor a constant: the site subgraph is not self-contained"
+            )
+        if id(n) not in {id(m) for m in nodes}:
+            nodes.append(n)
+            stack.extend(n.input)
+    order = {id(n): i for i, n in enumerate(g.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    if not any(x_name in n.input for n in nodes):
+        raise NmOnnxError(f"the site output {y_name!r} does not depend on its input {x_name!r}")
+    elem = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "site", [helper.make_tensor_value_info(x_name, elem, None)],
+        [helper.make_tensor_value_info(y_name, elem, None)],
+        [inits[i] for i in sorted(used_inits)],
+    )
+    m = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    m.functions.extend(model.functions)
+    return m
+
+
+def _ort(model_proto, extra_outputs=()):
+    """Session of a small in-memory model with the op library; extra intermediate values exposed."""
+    import onnx
+    import onnxruntime as ort
+
+    from nm_onnx import ops
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model_proto)
+    for name in extra_outputs:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if ops.library_available():
+        ops.register_library(so)
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def onnx_site_mask(site_model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(site output, nonzero pattern of the pruned activation) of a site subgraph on input x."""
+    from nm_onnx.ops.graphs import op_model
+
+    nm = [n for n in site_model.graph.node if n.domain == "nm_onnx" and n.op_type in ("NMMask", "NMSparseMatMul")]
+    if len(nm) != 1:
+        raise NmOnnxError(f"site subgraph has {len(nm)} NMMask/NMSparseMatMul nodes, expected 1")
+    node = nm[0]
+    y_name = site_model.graph.output[0].name
+    x_node = node.input[0]
+    inits = {t.name for t in site_model.graph.initializer}
+    extra = [v for v in {x_node} if v != site_model.graph.input[0].name]
+    if node.op_type == "NMMask":
+        extra.append(node.output[0])
+    sess = _ort(site_model, extra)
+    names = [o.name for o in sess.get_outputs()]
+    res = dict(zip(names, sess.run(None, {site_model.graph.input[0].name: x})))
+    y = res[y_name]
+    if node.op_type == "NMMask":
+        return y, res[node.output[0]] != 0
+    # fused: the library's TokenShift + NMMask on the node's own input
+    a = _attrs(node)
+    xin = res.get(x_node, x)
+    shift = a.get("shift", "none")
+    if shift != "none":
+        ts = _ort(op_model("TokenShift", ["X"], ["Xc", "eta"], mode=shift))
+        xin = ts.run(["Xc"], {"X": xin})[0]
+    cs = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    feeds = {"X": xin}
+    if cs is not None:
+        from onnx import numpy_helper
+
+        init = {t.name: t for t in site_model.graph.initializer}
+        if cs not in inits:
+            raise NmOnnxError(f"channel_scale {cs!r} of {node.name} is not a constant")
+        feeds["channel_scale"] = numpy_helper.to_array(init[cs]).astype(np.float32)
+    mm = _ort(op_model("NMMask", ["X", "channel_scale"] if cs else ["X"], ["Y"], n=a["n"], m=a["m"],
+                       criterion="magnitude"))
+    return y, mm.run(["Y"], feeds)[0] != 0
+
+
+def torch_site_reference(module, x):
+    """(output, nonzero pattern of the pruned activation) of a SparseLinear on input x (torch)."""
+    import torch
+
+    from nm_onnx.reference import functional as F
+
+    r = module.recipe
+    with torch.no_grad():
+        y = module(x)
+        if r.shift == "median":
+            eta = F.token_median(x)
+        elif r.shift == "mean":
+            eta = F.token_mean(x)
+        elif r.shift == "static":
+            eta = module.static_shift.reshape(())
+        elif r.shift == "learned":
+            eta = module.learned_shift
+        else:
+            eta = None
+        xc = x if eta is None else x - eta
+        mask = F.nm_mask(F.selection_scores(xc, r.criterion, module.channel_scale), module.n, module.m)
+        nz = mask & (xc != 0)
+    return y.float().numpy(), nz.numpy()
+
+
+def check_layerwise(dense_path, sparse_path, model, window: np.ndarray, max_sites: int | None = None) -> CheckResult:
+    import onnx
+    import torch
+
+    from nm_onnx.graph import find_linear_sites, load_model
+    from nm_onnx.graph.load import model_file
+    from nm_onnx.reference import sparse_modules
+
+    wrappers = sparse_modules(model)
+    sites = {s.module: s for s in find_linear_sites(load_model(dense_path))}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [w.register_forward_hook(lambda mod, inp, out, p=p: captured.__setitem__(p, inp[0].detach().clone()))
+             for p, w in wrappers.items()]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.from_numpy(window[None, :]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    sparse = onnx.load(str(model_file(sparse_path)))
+    items = sorted(wrappers.items(), key=lambda kv: list(sites).index(kv[0]) if kv[0] in sites else 1 << 30)
+    if max_sites:
+        items = items[:max_sites]
+    worst_rel, mask_fail, per_site, failures = 0.0, 0, [], []
+    for path, w in items:
+        site = sites.get(path)
+        if site is None:
+            raise NmOnnxError(f"sparsified module {path} has no linear site in the dense ONNX model")
+        y_name = site_output_value(sparse.graph, site)
+        sub = extract_site(sparse, site.input, y_name)
+        if not any(n.domain == "nm_onnx" for n in sub.graph.node):
+            failures.append(f"{path}: no nm_onnx op in the site subgraph (site left dense?)")
+            per_site.append({"site": path, "error": "dense"})
+            continue
+        x = captured[path]
+        y_t, nz_t = torch_site_reference(w, x)
+        y_o, nz_o = onnx_site_mask(sub, x.float().numpy())
+        rel = float(np.abs(y_o - y_t).max() / max(float(np.abs(y_t).max()), 1e-30))
+        diff = int((nz_o != nz_t).sum())
+        worst_rel = max(worst_rel, rel)
+        if diff:
+            mask_fail += 1
+        if diff or not rel <= SITE_REL_TOL:
+            failures.append(f"{path}: {diff} mask entries differ, relative error {rel:.3g}")
+        per_site.append({"site": path, "rel_error": rel, "mask_mismatches": diff})
+    passed = not failures
+    return CheckResult("b", CHECKS["b"], passed, worst_rel,
+                       f"masks identical, relative error <= {SITE_REL_TOL:g}",
+                       {"sites": len(per_site), "sites_with_mask_mismatch": mask_fail,
+                        "failures": failures[:20], "per_site": per_site})
+
+
+# ------------------------------------------------------------------------------------------ (c)
+def check_perplexity(sparse_path, model, windows: np.ndarray) -> CheckResult:
+    from nm_onnx.evaluation.perplexity import perplexity_onnx, perplexity_torch
+    from nm_onnx.runtime import make_session
+
+    ort_ppl = perplexity_onnx(make_session(sparse_path), windows, desc="sparse ORT").perplexity
+    torch_ppl = perplexity_torch(model, windows, desc="torch simulation").perplexity
+    rel = abs(ort_ppl / torch_ppl - 1)
+    return CheckResult("c", CHECKS["c"], rel <= PPL_REL_TOL, rel, f"relative difference <= {PPL_REL_TOL:g}",
+                       {"ort": ort_ppl, "torch": torch_ppl, "windows": int(windows.shape[0]),
+                        "seqlen": int(windows.shape[1])})
+
+
+# ------------------------------------------------------------------------------------------ (d)
+def check_kernels(seed: int = 0) -> CheckResult:
+    from nm_onnx import ops
+    from nm_onnx.ops import reference as ref
+    from nm_onnx.ops.graphs import op_model
+    from nm_onnx.ops.testing import random_values
+
+    ops.library_path()  # clear error when the library is missing
+    rng = np.random.default_rng(seed)
+    cases, failures, worst = 0, [], 0.0
+
+    def run(model, feeds, outs):
+        return _ort(model).run(outs, feeds)
+
+    for kind in ("normal", "ties", "special"):
+        x = random_values(rng, (3, 5, 64), kind)
+        for mode in ("median", "mean"):
+            xc, eta = run(op_model("TokenShift", ["X"], ["Xc", "eta"], mode=mode), {"X": x}, ["Xc", "eta"])
+            rxc, reta = ref.token_shift(x, mode)
+            cases += 1
+            if not (_same_bits(eta, reta) and _close(xc, rxc)):
+                failures.append(f"TokenShift mode={mode} on {kind} inputs")
+        for n, m in ((2, 4), (8, 16), (16, 32)):
+            for crit in ("magnitude", "clact"):
+                for with_cs in (False, True):
+                    cs = rng.random(64).astype(np.float32) + 0.5 if with_cs else None
+                    names = ["X", "channel_scale"] if with_cs else ["X"]
+                    feeds = {"X": x, **({"channel_scale": cs} if with_cs else {})}
+                    y = run(op_model("NMMask", names, ["Y"], n=n, m=m, criterion=crit), feeds, ["Y"])[0]
+                    cases += 1
+                    if not _same_bits(y, ref.nm_mask(x, n, m, crit, cs)):
+                        failures.append(f"NMMask {n}:{m} {crit} cs={with_cs} on {kind} inputs")
+    for shift in ("none", "median", "mean"):
+        for vc in (0, 1):
+            for n, m in ((2, 4), (8, 16)):
+                x = random_values(rng, (2, 7, 64), "normal")
+                b = random_values(rng, (64, 24), "normal")
+                cs = rng.random(64).astype(np.float32) + 0.5
+                sb = b.sum(0).astype(np.float32)
+                bias = random_values(rng, (24,), "normal")
+                names = ["X", "B", "channel_scale", "shift_bias", "bias"]
+                y = run(op_model("NMSparseMatMul", names, ["Y"], n=n, m=m, shift=shift, variance_correction=vc),
+                        {"X": x, "B": b, "channel_scale": cs, "shift_bias": sb, "bias": bias}, ["Y"])[0]
+                r = ref.nm_sparse_matmul(x, b, n, m, shift, vc, cs, sb, bias)
+                err = float(np.abs(y - r).max() / max(float(np.abs(r).max()), 1e-30))
+                worst = max(worst, err)
+                cases += 1
+                if not err <= 1e-5:
+                    failures.append(f"NMSparseMatMul {n}:{m} shift={shift} vc={vc}: relative error {err:.3g}")
+    return CheckResult("d", CHECKS["d"], not failures, float(len(failures)),
+                       "0 failing cases (masks bitwise, matmul relative error <= 1e-5)",
+                       {"cases": cases, "failures": failures, "max_matmul_rel_error": worst})
+
+
+def _same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    an, bn = np.isnan(a), np.isnan(b)
+    return bool((an == bn).all() and (a[~an] == b[~bn]).all())
+
+
+def _close(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    an, bn = np.isnan(a), np.isnan(b)
+    return bool((an == bn).all() and np.allclose(a[~an], b[~bn], rtol=1e-6, atol=1e-6, equal_nan=True))
+
+
+# ------------------------------------------------------------------------------------------ driver
+@dataclass
+class ValidationReport:
+    dense: str
+    sparse: str
+    model: str
+    recipe: str
+    calibration: str | None
+    data: str
+    results: list[CheckResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "results"}
+        d["passed"] = self.passed
+        d["failed_checks"] = [f"({r.check}) {r.name}" for r in self.results if not r.passed]
+        d["checks"] = [{**asdict(r), "status": r.status} for r in self.results]
+        return d
+
+
+def validate(dense, sparse, model_source, recipe, calibration=None, checks: str = "abcd",
+             seqlen: int = 256, limit: int = 4, data: str = "wikitext2", max_sites: int | None = None,
+             model=None, tokenizer=None) -> ValidationReport:
+    """Run the chosen checks; `model`/`tokenizer` may be passed to reuse an already-loaded PyTorch model."""
+    from nm_onnx.data import eval_windows, load_eval_text, tokenize
+    from nm_onnx.recipe import SparsityRecipe
+
+    bad = set(checks) - set(CHECKS)
+    if bad or not checks:
+        raise NmOnnxError(f"--checks takes letters from 'abcd', got {checks!r}")
+    rec = SparsityRecipe.load(recipe)
+    artifact = None
+    if calibration:
+        from nm_onnx.calibration import load_artifact
+
+        artifact = load_artifact(calibration)
+    results: list[CheckResult] = []
+    if "d" in checks:
+        _log("(d) op kernels vs numpy reference")
+        results.append(check_kernels())
+    text = load_eval_text(data)
+    if set(checks) & {"a", "b", "c"}:
+        if model is None:
+            from nm_onnx.models import load_hf_model
+
+            _log(f"loading PyTorch model {model_source}")
+            model, tokenizer = load_hf_model(model_source)
+        windows = eval_windows(tokenize(tokenizer, text.text), seqlen, limit)
+        if "a" in checks:
+            _log("(a) dense ONNX vs PyTorch logits")
+            results.append(check_dense_logits(dense, model, windows[:1]))
+        from nm_onnx.reference import sparsify_model, unsparsify_model
+
+        sparsify_model(model, rec, artifact)
+        try:
+            if "b" in checks:
+                _log("(b) layer-wise site parity")
+                results.append(check_layerwise(dense, sparse, model, windows[0], max_sites))
+            if "c" in checks:
+                _log(f"(c) perplexity on {windows.shape[0]} windows x {seqlen}")
+                results.append(check_perplexity(sparse, model, windows))
+        finally:
+            unsparsify_model(model)
+    order = {c: i for i, c in enumerate("abcd")}
+    results.sort(key=lambda r: order[r.check])
+    return ValidationReport(str(dense), str(sparse), str(model_source), rec.name,
+                            str(calibration) if calibration else None, text.source, results)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from nm_onnx.io import atomic_file
+
+    p = argparse.ArgumentParser(prog="tools/validate.py", description=__doc__.split("\n")[0])
+    p.add_argument("dense", help="dense ONNX model (file or export directory)")
+    p.add_argument("sparse", help="transformed (sparse) ONNX model")
+    p.add_argument("--model", required=True, help="PyTorch source of the same model (alias, HF dir, .gguf)")
+    p.add_argument("--recipe", required=True, help="recipe preset name or JSON file used by the transform")
+    p.add_argument("--calibration", default=None, help="calibration artifact directory (if the recipe needs one)")
+    p.add_argument("--checks", default="abcd", help="subset of the checks a, b, c, d (default all)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window of real text (default 256)")
+    p.add_argument("--limit", type=int, default=4, help="windows for the perplexity check (default 4)")
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--max-sites", type=int, default=None, help="check only the first N sites in (b)")
+    p.add_argument("--json", default=None, help="write the JSON report here (default: print it)")
+    args = p.parse_args(argv)
+    try:
+        rep = validate(args.dense, args.sparse, args.model, args.recipe, args.calibration, args.checks,
+                       args.seqlen, args.limit, args.data, args.max_sites)
+    except NmOnnxError as e:
+        print(f"validate: error: {e}", file=sys.stderr)
+        return 2
+    for r in rep.results:
+        print(r.line())
+        for f in r.details.get("failures", [])[:5]:
+            print(f"    {f}")
+    d = rep.to_dict()
+    if args.json:
+        with atomic_file(args.json) as f:
+            json.dump(d, f, indent=2)
+    else:  # compact: the per-site table only goes to the --json file
+        for c in d["checks"]:
+            c["details"] = {k: v for k, v in c["details"].items() if k != "per_site"}
+        print(json.dumps(d, indent=2, default=float))
+    if not rep.passed:
+        print("FAILED: " + "; ".join(d["failed_checks"]), file=sys.stderr)
+        return 1
+    print("all checks passed", file=sys.stderr)
+    return 0
