@@ -6,14 +6,18 @@ decomposition (the `--portable` function body run by plain onnxruntime), measure
                                              # benchmarks/RESULTS.md (other sections are kept)
 
 GB/s counts the bytes of X (the same bytes the memcpy copies); ratio = memcpy time / NMMask time,
-so 1.0 means "as fast as copying the activations". Medians over --repeats runs after warm-up; the
-kernel runs through ORT with IOBinding (preallocated output, no Python copies). Never a test.
+so 1.0 means "as fast as copying the activations". The memcpy and the kernel are timed alternately
+(one of each per repeat), so both see the same machine load; `ratio` is the median of the per-pair
+ratios (robust to load bursts on a shared machine), `ratio (fastest runs)` = fastest memcpy / fastest
+kernel; the ms columns are medians. The kernel runs through ORT with IOBinding (preallocated
+output, no Python copies). Never a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
 import re
@@ -44,6 +48,23 @@ def median_time(fn, repeats: int, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
+def paired_times(fn_a, fn_b, repeats: int, warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Times of fn_a and fn_b run alternately (one each per repeat): both see the same machine load."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn_a()
+        t1 = time.perf_counter()
+        fn_b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return ta, tb
+
+
 def bound_session(model, x, y, threads: int, library: bool):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -69,6 +90,7 @@ def cpu_name() -> str:
 
 
 def run(shape, threads_list, repeats, fn_repeats) -> str:
+    load0 = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     y = np.empty_like(x)
@@ -76,25 +98,30 @@ def run(shape, threads_list, repeats, fn_repeats) -> str:
     rows = []
     for n, m in PATTERNS:
         for threads in threads_list:
-            t_copy = median_time(lambda: np.copyto(y, x), repeats)
             kernel = bound_session(op_model("NMMask", ["X"], ["Y"], n=n, m=m), x, y, threads, True)
-            t_kernel = median_time(kernel, repeats)
-            t_copy2 = median_time(lambda: np.copyto(y, x), repeats)
-            t_copy = min(t_copy, t_copy2)  # memcpy measured before and after, in the same run
+            copies, kernels = paired_times(lambda: np.copyto(y, x), kernel, repeats)
+            t_copy, t_kernel = float(np.median(copies)), float(np.median(kernels))
+            ratio = float(np.median(np.array(copies) / np.array(kernels)))  # per pair: same load for both
+            best = min(copies) / min(kernels)
             kernel()
             assert np.array_equal(y, ops.nm_mask(x, n, m)), "kernel output differs from the reference"
             fn_model = op_model("NMMask", ["X"], ["Y"], n=n, m=m, functions=True)
             t_fn = median_time(bound_session(fn_model, x, y, threads, False), fn_repeats, warmup=1)
             target = TARGETS[(n, m)]
-            ratio = t_copy / t_kernel
+            judged = min(ratio, best)  # conservative: met only when both estimates reach the target
             verdict = (
                 "-"
                 if target is None
-                else ("met" if ratio >= target else f"missed ({ratio / target:.2f} of {target})")
+                else (
+                    "met"
+                    if judged >= target
+                    else f"missed ({math.floor(judged / target * 100) / 100:.2f} of {target})"
+                )
             )
             rows.append(
                 f"| {n}:{m} | {threads} | {t_kernel * 1e3:.3f} | {gb / t_kernel:.2f} | {t_copy * 1e3:.3f} | "
-                f"{gb / t_copy:.2f} | {ratio:.3f} | {verdict} | {t_fn * 1e3:.1f} | {t_fn / t_kernel:.0f}x |"
+                f"{gb / t_copy:.2f} | {ratio:.3f} | {best:.3f} | {verdict} | {t_fn * 1e3:.1f} | "
+                f"{t_fn / t_kernel:.0f}x |"
             )
     head = [
         SECTION,
@@ -102,35 +129,52 @@ def run(shape, threads_list, repeats, fn_repeats) -> str:
         (
             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {os.cpu_count()} cores, "
             f"onnxruntime {ort.__version__}, X = {list(shape)} float32 ({x.nbytes / 2**20:.0f} MiB); "
-            f"medians of {repeats} runs (decomposition: {fn_repeats}); load average at start "
-            f"{os.getloadavg()[0]:.1f}."
+            f"medians of {repeats} runs (decomposition: {fn_repeats}); load average (1 min) at "
+            f"start {load0:.1f}, at end {os.getloadavg()[0]:.1f} (the machine is shared: see `uptime`)."
         ),
         "",
         (
-            "| N:M | threads | NMMask ms | NMMask GB/s | memcpy ms | memcpy GB/s | ratio | target | "
-            "decomposition ms | kernel speed-up |"
+            "| N:M | threads | NMMask ms | NMMask GB/s | memcpy ms | memcpy GB/s | ratio | ratio (fastest runs) | "
+            "target | decomposition ms | kernel speed-up |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows) + "\n\n" + NOTES
 
 
 NOTES = """\
-Ratio = memcpy time / NMMask time (target: >= 0.8 at 2:4, >= 0.7 at 8:16, >= 0.5 at 16:32). Where a
-target is missed, the `target` column says by how much (achieved ratio / target). Why: NMMask is
-compute-bound here, not memory-bound. Every entry is ranked against the other M - 1 entries of its
-group under the exact tie and NaN rules: order-preserving 32-bit keys, then on AVX-512 one lane
-permute + two compares + mask/add per partner (M - 1 partners; groups of M <= 16 sit in one 16-lane
-vector, M = 32 uses two-source permutes), i.e. about 6 (M - 1) / 16 vector operations per element on
-top of the key transform and the masked copy (AVX2/baseline CPUs and other M use a transposed
-pairwise ranking, slower). The reference memcpy moves 8 MiB that stay in the CPU caches (~35 GB/s,
-not DRAM-bound). The work grows linearly with M, so the ratio falls from 2:4 to 16:32. This machine
-has 2 cores shared with other jobs (load average above), which is why the 2-thread rows do not scale
-(ORT's second worker waits for a busy core). Ways to close the gap: a threshold (n-th largest key)
-search instead of full ranks for M >= 8, sorting networks, and fusing the mask into its consumer
-(NMSparseMatMul already selects, gathers and multiplies in one op, so the standalone mask is only
-used by the unfused graph form). The decomposition column is the same node run as its standard-ONNX
-function body (no library): the portable fallback.
+Ratio = memcpy time / NMMask time: median over alternating (memcpy, NMMask) pairs of the per-pair ratio
+(target: >= 0.8 at 2:4, >= 0.7 at 8:16, >= 0.5 at 16:32; the issue's targets are read on the 1-thread
+rows). Load bursts slow the memory-bound memcpy more than the compute-bound kernel, which inflates the
+per-pair ratio; the fastest-runs ratio is the quiet-machine estimate. The `target` column is judged on
+the lower of the two ratios (conservative). Where a target is missed, the
+`target` column says by how much (lower ratio / target).
+
+What the kernel does (docs/ops.md, "Performance notes"): on AVX-512 a threshold select per block of 16
+groups: the block's keys (|x| bits) are shuffled so that each lane holds one group (log2(min(M, 16))
+shuffle stages), a Batcher sorting network over the M vectors, pruned to the two outputs it needs, gives
+each group's N-th and (N+1)-th largest key; entries with key >= the N-th are kept, and only a group where
+the two are equal (a tie at the threshold) is ranked pairwise. Masks stay bit-identical to the numpy
+reference (tie rule, NaN rule, -0 = +0; checked by the assert in this script and by the op tests). The
+previous kernel ranked every entry against the M - 1 others (O(M) vector operations per 16 entries) and
+measured 0.33 / 0.17 / 0.09 / 0.055 at 2:4 / 4:8 / 8:16 / 16:32 (1 thread, same machine, 0.72 / 1.37 /
+2.53 / 4.31 ms); the threshold select takes about 0.30 / 0.35 / 0.42 / 0.50 ms on a quiet moment, i.e.
+about 2.4x / 4x / 6x / 8.5x faster.
+
+Why targets are still missed or marginal: the memcpy reads and writes 8 MiB that stay in the 32 MiB L3
+(~30-35 GB/s), while NMMask is still compute-bound: per 16 entries it does ~2-4 shuffles (transpose),
+~2 (2:4) / ~6 (8:16) / ~9 (16:32) min/max operations (network), and the key, compare and masked copy on
+top (AVX-512 on this Zen 4 CPU runs at half width per cycle). Measured directly (C++ harness, no ORT):
+without the network 8:16 takes ~0.36 ms, without network and shuffles ~0.28 ms (memcpy speed), with both
+~0.41-0.43 ms: reaching 0.7 at 8:16 would need the network and the transposes about twice as cheap. The
+machine has 2 cores shared with three other engineers' jobs (load average 1-6 during this work): repeated
+1-thread runs of this script a few minutes apart gave fastest-runs ratios of 0.72-0.80 (2:4),
+0.49-0.68 (8:16) and 0.46-0.57 (16:32); so 2:4 sits just under its target (~0.95 of it), 16:32 at its
+edge, and 8:16 is missed by ~10-30%. Rerun on a quiet machine before drawing finer conclusions. The
+2-thread rows do not scale for the same reason (ORT's second worker waits for a busy core), and their
+memcpy reference is timed single-threaded (their fastest-runs ratio can exceed 1). AVX2 / baseline CPUs and M = 64 still use the pairwise
+ranking (slower; not benchmarked here). The decomposition column is the same node run as its
+standard-ONNX function body (no library): the portable fallback.
 """
 
 

@@ -6,7 +6,17 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on _mm512_undefined_* (GCC bug 105593, a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
 
 #include "nm_select.h"
 
@@ -128,14 +138,6 @@ void column_norms(const float* x, int64_t T, int64_t K, float* colnorm, const Pa
   });
 }
 
-void nm_keep_rows(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
-                  const float* colnorm, uint8_t* keep, const ParallelFor& pf) {
-  pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-    RowScratch sc;
-    for (std::ptrdiff_t t = t0; t < t1; ++t) row_keep(x + t * K, K, n, m, scale, colnorm, keep + t * K, sc);
-  });  // (float16 NMMask and the tests' keep masks use the generic per-group ranking)
-}
-
 // ---- NMMask fast path for M in {2, 4, ..., 64}: keys of a row stored transposed ([M][G]) so that the
 // pairwise ranking runs over contiguous group vectors; compiled for AVX-512, AVX2 and baseline and
 // chosen at run time. Same keys and the same rank definition as group_keep (bit-identical masks).
@@ -200,6 +202,7 @@ __attribute__((always_inline)) inline void mask_rows_fixed(const float* x, std::
 // ---- In-register path (AVX-512 only) for M in {2, 4, 8, 16} (groups inside one 16-lane vector, K % 16 == 0): for each
 // offset d = 1..M-1 the lane of partner q = (j + d) mod M is brought in with a lane permute; the entry's
 // rank counts partners with a larger key, or an equal key at a lower index (q < j <=> j + d >= M).
+// Used for n = 0, n = M and as the exact fallback of the threshold path below (ties at the threshold).
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef float v16f __attribute__((vector_size(64)));
@@ -253,24 +256,22 @@ struct LanePerms {
   }
 };
 
+// Elements [e0, e1) of one row (multiples of 16); yr / kr: the row's output (one of them is null).
 template <int M>
-__attribute__((always_inline)) inline void mask_rows_lanes(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1,
-                                                           int64_t K, int n, const float* scale, const float* colnorm,
-                                                           float* y, uint8_t* keep) {
+__attribute__((always_inline)) inline void lanes_range(const float* xr, int64_t e0, int64_t e1, int n,
+                                                       const float* scale, const float* colnorm, float* yr,
+                                                       uint8_t* kr) {
   static const LanePerms<M> lp;
   const v16i nv = v16i{} + n;
-  for (std::ptrdiff_t t = t0; t < t1; ++t) {
-    const float* xr = x + t * K;
-    for (int64_t e = 0; e < K; e += 16) {
-      v16u xb, k;
-      lane_keys(xr, scale, colnorm, e, &k, &xb);
-      v16i rank = v16i{};
-      for (int d = 1; d < M; ++d) {
-        const v16u p = __builtin_shuffle(k, lp.perm[d]);
-        rank -= reinterpret_cast<v16i>(p > k) | (reinterpret_cast<v16i>(p == k) & lp.lower[d]);
-      }
-      lane_store(xb, rank < nv, y ? y + t * K + e : nullptr, y ? nullptr : keep + t * K + e);
+  for (int64_t e = e0; e < e1; e += 16) {
+    v16u xb, k;
+    lane_keys(xr, scale, colnorm, e, &k, &xb);
+    v16i rank = v16i{};
+    for (int d = 1; d < M; ++d) {
+      const v16u p = __builtin_shuffle(k, lp.perm[d]);
+      rank -= reinterpret_cast<v16i>(p > k) | (reinterpret_cast<v16i>(p == k) & lp.lower[d]);
     }
+    lane_store(xb, rank < nv, yr ? yr + e : nullptr, yr ? nullptr : kr + e);
   }
 }
 
@@ -289,50 +290,352 @@ struct LanePerms32 {
   }
 };
 
-__attribute__((always_inline)) inline void mask_rows_lanes32(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1,
-                                                             int64_t K, int n, const float* scale,
-                                                             const float* colnorm, float* y, uint8_t* keep) {
+// Elements [e0, e1) of one row (multiples of 32).
+__attribute__((always_inline)) inline void lanes_range32(const float* xr, int64_t e0, int64_t e1, int n,
+                                                         const float* scale, const float* colnorm, float* yr,
+                                                         uint8_t* kr) {
   static const LanePerms32 lp;
   const v16i nv = v16i{} + n;
+  for (int64_t e = e0; e < e1; e += 32) {
+    v16u blo, bhi, klo, khi;
+    lane_keys(xr, scale, colnorm, e, &klo, &blo);
+    lane_keys(xr, scale, colnorm, e + 16, &khi, &bhi);
+    v16i rlo = v16i{}, rhi = v16i{};
+    for (int d = 1; d < 32; ++d) {
+      const v16u plo = __builtin_shuffle(klo, khi, lp.perm_lo[d]);
+      const v16u phi = __builtin_shuffle(klo, khi, lp.perm_hi[d]);
+      rlo -= reinterpret_cast<v16i>(plo > klo) | (reinterpret_cast<v16i>(plo == klo) & lp.lower_lo[d]);
+      rhi -= reinterpret_cast<v16i>(phi > khi) | (reinterpret_cast<v16i>(phi == khi) & lp.lower_hi[d]);
+    }
+    lane_store(blo, rlo < nv, yr ? yr + e : nullptr, yr ? nullptr : kr + e);
+    lane_store(bhi, rhi < nv, yr ? yr + e + 16 : nullptr, yr ? nullptr : kr + e + 16);
+  }
+}
+
+// Pairwise ranking of elements [e0, e1) of one row (exact under the tie rule; O(M) vector ops per vector).
+template <int M>
+__attribute__((always_inline)) inline void pairwise_range(const float* xr, int64_t e0, int64_t e1, int n,
+                                                          const float* scale, const float* colnorm, float* yr,
+                                                          uint8_t* kr) {
+  if constexpr (M == 32)
+    lanes_range32(xr, e0, e1, n, scale, colnorm, yr, kr);
+  else
+    lanes_range<(M < 16 ? M : 16)>(xr, e0, e1, n, scale, colnorm, yr, kr);
+}
+
+template <int M>
+__attribute__((always_inline)) inline void mask_rows_lanes(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1,
+                                                           int64_t K, int n, const float* scale, const float* colnorm,
+                                                           float* y, uint8_t* keep) {
+  for (std::ptrdiff_t t = t0; t < t1; ++t)
+    pairwise_range<M>(x + t * K, 0, K, n, scale, colnorm, y ? y + t * K : nullptr, y ? nullptr : keep + t * K);
+}
+
+// ---- Threshold path (AVX-512, M in {2, 4, 8, 16, 32}, 0 < n < M, K % 16 == 0): a block of M vectors holds 16
+// groups. The block's keys are shuffled so that each lane holds one whole group across the M vectors
+// (a partial 16x16 transpose, log2(min(M, 16)) shuffle stages), a Batcher odd-even sorting network over the M
+// vectors (unsigned min/max; the compiler drops the comparators that reach neither output n - 1 nor n) gives
+// every group's n-th largest key tau and (n+1)-th largest key in one vector each, tau is permuted back to the
+// natural layout, and the kept entries are key >= tau. That is exactly the rank rule whenever the (n+1)-th key
+// is below tau (exactly n keys >= tau); a group where the two are equal (a tie at the threshold) is ranked by
+// the pairwise code above instead. About 10-20 vector operations per 16 elements instead of 5 (M - 1) (see
+// docs/ops.md, benchmarks/RESULTS.md).
+#if defined(__x86_64__) || defined(__i386__)
+#define NM_X86 1
+#define NM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define NM_INLINE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+
+// Descending compare-exchange (unsigned keys): w[I] = max, w[J] = min.
+template <int I, int J>
+NM_INLINE_AVX512 void cmpx(__m512i* w) {
+  const __m512i a = w[I], b = w[J];
+  w[I] = _mm512_max_epu32(a, b);
+  w[J] = _mm512_min_epu32(a, b);
+}
+
+// Batcher's odd-even merge of w[LO, LO + N) with stride R (Knuth 5.3.4; N, R powers of two).
+template <int LO, int N, int R>
+struct OddEvenMerge {
+  template <int... Is>
+  NM_INLINE_AVX512 static void tail(__m512i* w, std::integer_sequence<int, Is...>) {
+    (cmpx<LO + R + 2 * R * Is, LO + 2 * R + 2 * R * Is>(w), ...);
+  }
+  NM_INLINE_AVX512 static void run(__m512i* w) {
+    if constexpr (2 * R < N) {
+      OddEvenMerge<LO, N, 2 * R>::run(w);
+      OddEvenMerge<LO + R, N, 2 * R>::run(w);
+      tail(w, std::make_integer_sequence<int, N / (2 * R) - 1>{});
+    } else {
+      cmpx<LO, LO + R>(w);
+    }
+  }
+};
+
+// Sorts w[LO, LO + N) in descending order (lane by lane).
+template <int LO, int N>
+struct OddEvenSort {
+  NM_INLINE_AVX512 static void run(__m512i* w) {
+    if constexpr (N > 1) {
+      OddEvenSort<LO, N / 2>::run(w);
+      OddEvenSort<LO + N / 2, N / 2>::run(w);
+      OddEvenMerge<LO, N, 1>::run(w);
+    }
+  }
+};
+
+// Interleave of the pair (A, B): 32-bit (STAGE 0), 64-bit (STAGE 1) or 128-bit (STAGE 2) halves.
+template <int STAGE, int A, int B>
+NM_INLINE_AVX512 void shuffle_pair(__m512i* w) {
+  const __m512i u = w[A], v = w[B];
+  if constexpr (STAGE == 0) {
+    w[A] = _mm512_unpacklo_epi32(u, v);
+    w[B] = _mm512_unpackhi_epi32(u, v);
+  } else if constexpr (STAGE == 1) {
+    w[A] = _mm512_unpacklo_epi64(u, v);
+    w[B] = _mm512_unpackhi_epi64(u, v);
+  } else {
+    w[A] = _mm512_shuffle_i32x4(u, v, 0x88);
+    w[B] = _mm512_shuffle_i32x4(u, v, 0xDD);
+  }
+}
+
+// One shuffle stage on the pairs (b + i, b + i + D), i < D, of each block of 2D vectors.
+template <int D, int STAGE, int... Is>
+NM_INLINE_AVX512 void shuffle_stage(__m512i* w, std::integer_sequence<int, Is...>) {
+  (shuffle_pair<STAGE, (Is / D) * 2 * D + Is % D, (Is / D) * 2 * D + Is % D + D>(w), ...);
+}
+
+// Block vector loaded into slot r of w: natural order, except for M = 32 (first halves of the 16 groups, then
+// the second halves).
+template <int M>
+constexpr int load_order(int r) {
+  return M == 32 ? (r < 16 ? 2 * r : 2 * (r - 16) + 1) : r;
+}
+
+// Groups-to-lanes shuffle of the 16 groups of one block: afterwards every lane of w[0, M) holds one whole group
+// (the lane of each group is found once by running this on group ids, see BlockLanes).
+template <int M>
+NM_INLINE_AVX512 void groups_to_lanes(__m512i* w) {
+  if constexpr (M == 2) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i a = w[0], b = w[1];
+    w[0] = _mm512_permutex2var_epi32(a, even, b);
+    w[1] = _mm512_permutex2var_epi32(a, odd, b);
+  } else if constexpr (M == 32) {  // two 16x16 transposes (see load_order)
+    groups_to_lanes<16>(w);
+    groups_to_lanes<16>(w + 16);
+  } else {
+    shuffle_stage<1, 0>(w, std::make_integer_sequence<int, M / 2>{});
+    shuffle_stage<2, 1>(w, std::make_integer_sequence<int, M / 2>{});
+    if constexpr (M >= 8) shuffle_stage<4, 2>(w, std::make_integer_sequence<int, M / 2>{});
+    if constexpr (M >= 16) shuffle_stage<8, 2>(w, std::make_integer_sequence<int, M / 2>{});
+  }
+}
+
+// Where the groups of a block sit after groups_to_lanes (found once by running it on group ids).
+template <int M>
+struct BlockLanes {
+  __m512i back[M];           // per natural vector r: lane permute bringing each group's threshold to its elements
+  int lane_of_group[16];     // lane of group g
+  uint32_t vector_lanes[M];  // per natural vector r: bit mask of the lanes of its groups
+  bool valid = true;         // every lane holds exactly one group (a property of groups_to_lanes; tested)
+  NM_TARGET_AVX512 BlockLanes() {
+    __m512i w[M];
+    for (int r = 0; r < M; ++r) {
+      alignas(64) int32_t ids[16];
+      for (int l = 0; l < 16; ++l) ids[l] = (16 * load_order<M>(r) + l) / M;
+      w[r] = _mm512_load_si512(ids);
+    }
+    groups_to_lanes<M>(w);
+    alignas(64) int32_t got[M][16];
+    for (int r = 0; r < M; ++r) _mm512_store_si512(got[r], w[r]);
+    for (int l = 0; l < 16; ++l) {
+      lane_of_group[got[0][l]] = l;
+      for (int r = 1; r < M; ++r) valid = valid && got[r][l] == got[0][l];
+    }
+    for (int r = 0; r < M; ++r) {
+      alignas(64) int32_t idx[16];
+      vector_lanes[r] = 0;
+      for (int l = 0; l < 16; ++l) {
+        idx[l] = lane_of_group[(16 * r + l) / M];
+        vector_lanes[r] |= 1u << idx[l];
+      }
+      back[r] = _mm512_load_si512(idx);
+    }
+  }
+};
+
+template <int M>
+NM_TARGET_AVX512 const BlockLanes<M>& block_lanes() {
+  static const BlockLanes<M> bl;
+  return bl;
+}
+
+// Keys of the magnitude criterion: the |x| bits (integer order = float order, -0 = +0). NaNs (every |NaN| bit
+// pattern is above +inf's) must all rank equal: tau is clamped to kClamp, one above +inf; as clamping is monotone,
+// key >= min(tau, kClamp) selects the same entries as clamping every key would.
+struct AbsKeys {
+  static constexpr uint32_t kClamp = 0x7F800001u;
+  NM_INLINE_AVX512 __m512i operator()(const float* x, const float*, const float*, int64_t i) const {
+    return _mm512_and_si512(_mm512_loadu_si512(x + i), _mm512_set1_epi32(0x7FFFFFFF));
+  }
+};
+
+// Keys with a channel scale and/or clact column norms: score_key(|x| * scale * colnorm) (null factors skipped).
+struct ScoreKeys {
+  static constexpr uint32_t kClamp = 0xFFFFFFFFu;
+  NM_INLINE_AVX512 __m512i operator()(const float* x, const float* s, const float* c, int64_t i) const {
+    __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + i), _mm512_set1_epi32(0x7FFFFFFF)));
+    if (s) v = _mm512_mul_ps(v, _mm512_loadu_ps(s + i));
+    if (c) v = _mm512_mul_ps(v, _mm512_loadu_ps(c + i));
+    v = _mm512_add_ps(v, _mm512_setzero_ps());  // -0 -> +0
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i k = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(INT32_MIN)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(k, nan, _mm512_set1_epi32(-1));
+  }
+};
+
+// The n-th and (n+1)-th largest of the sorted w (N > 0: compile-time n, lets the compiler drop every
+// comparator that reaches neither).
+template <int M, int N, int... Is>
+NM_INLINE_AVX512 void nth_keys(const __m512i* w, int n, __m512i* tau, __m512i* next,
+                               std::integer_sequence<int, Is...>) {
+  if constexpr (N > 0) {
+    *tau = w[N - 1];
+    *next = w[N];
+  } else {
+    *tau = w[0];
+    *next = w[1];
+    ((*tau = (n - 1 == Is ? w[Is] : *tau), *next = (n == Is ? w[Is] : *next)), ...);
+  }
+}
+
+// Keys of the M vectors of a block, in load_order.
+template <int M, class Keys, int... Rs>
+NM_INLINE_AVX512 void load_keys(const Keys& keys, const float* x, const float* s, const float* c, __m512i* w,
+                                std::integer_sequence<int, Rs...>) {
+  ((w[Rs] = keys(x, s, c, 16 * load_order<M>(Rs))), ...);
+}
+
+// The pairwise ranking out of line (rarely called from the hot loop of threshold_block).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl"), noinline)) void pairwise_tie(
+    const float* x, int64_t e0, int64_t e1, int n, const float* s, const float* c, float* y, uint8_t* keep) {
+  pairwise_range<M>(x, e0, e1, n, s, c, y, keep);
+}
+
+// One block of M vectors of x / s / c (s, c may be null; 0 < n < M); the first nv (<= M, even for M = 32) are
+// real, the rest zero padding. Writes y (or keep) for the nv real vectors. A group whose (n+1)-th largest key
+// equals its n-th (a tie at the threshold) is ranked pairwise instead.
+template <int M, int N, class Keys>
+NM_INLINE_AVX512 void threshold_block(const Keys& keys, const float* x, const float* s, const float* c, int nv, int n,
+                                      const BlockLanes<M>& bl, float* y, uint8_t* keep) {
+  __m512i w[M];
+  load_keys<M>(keys, x, s, c, w, std::make_integer_sequence<int, M>{});
+  groups_to_lanes<M>(w);
+  OddEvenSort<0, M>::run(w);
+  __m512i tau, next;
+  nth_keys<M, N>(w, n, &tau, &next, std::make_integer_sequence<int, M>{});
+  const __m512i clamp = _mm512_set1_epi32(static_cast<int>(Keys::kClamp));
+  tau = _mm512_min_epu32(tau, clamp);
+  const uint32_t tie = _cvtmask16_u32(_mm512_cmpeq_epi32_mask(tau, _mm512_min_epu32(next, clamp)));
+  alignas(64) uint32_t tau_lane[16];
+  if constexpr (M >= 16) _mm512_store_si512(tau_lane, tau);
+#pragma GCC unroll 32
+  for (int r = 0; r < nv; ++r) {
+    __m512i t;
+    if constexpr (M >= 16)  // one group per vector: a broadcast load instead of a lane permute
+      t = _mm512_set1_epi32(static_cast<int>(tau_lane[bl.lane_of_group[r * 16 / M]]));
+    else
+      t = _mm512_permutexvar_epi32(bl.back[r], tau);
+    const __mmask16 kept = _mm512_cmpge_epu32_mask(keys(x, s, c, 16 * r), t);
+    if (y)
+      _mm512_storeu_si512(y + 16 * r, _mm512_maskz_loadu_epi32(kept, x + 16 * r));
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + 16 * r), _mm_maskz_mov_epi8(kept, _mm_set1_epi8(1)));
+  }
+  if (__builtin_expect(tie != 0, 0)) {  // rare: exact ranking of the vectors of the tied groups (padding never counts)
+    for (int r = 0; r < nv; r += (M < 32 ? 1 : 2))
+      if (tie & bl.vector_lanes[r]) pairwise_tie<M>(x, 16 * r, 16 * r + (M < 32 ? 16 : 32), n, s, c, y, keep);
+  }
+}
+
+// Rows [t0, t1) by threshold blocks; the tail of a row (< 16 groups) runs as a zero-padded block.
+template <int M, int N, class Keys>
+NM_INLINE_AVX512 void threshold_rows(const Keys& keys, const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K,
+                                     int n, const float* scale, const float* colnorm, float* y, uint8_t* keep) {
+  const BlockLanes<M>& bl = block_lanes<M>();
+  constexpr int kBlock = 16 * M;
+  const int64_t full = K / kBlock * kBlock;
+  alignas(64) float pad[3][kBlock];
   for (std::ptrdiff_t t = t0; t < t1; ++t) {
     const float* xr = x + t * K;
-    for (int64_t e = 0; e < K; e += 32) {
-      v16u blo, bhi, klo, khi;
-      lane_keys(xr, scale, colnorm, e, &klo, &blo);
-      lane_keys(xr, scale, colnorm, e + 16, &khi, &bhi);
-      v16i rlo = v16i{}, rhi = v16i{};
-      for (int d = 1; d < 32; ++d) {
-        const v16u plo = __builtin_shuffle(klo, khi, lp.perm_lo[d]);
-        const v16u phi = __builtin_shuffle(klo, khi, lp.perm_hi[d]);
-        rlo -= reinterpret_cast<v16i>(plo > klo) | (reinterpret_cast<v16i>(plo == klo) & lp.lower_lo[d]);
-        rhi -= reinterpret_cast<v16i>(phi > khi) | (reinterpret_cast<v16i>(phi == khi) & lp.lower_hi[d]);
-      }
-      lane_store(blo, rlo < nv, y ? y + t * K + e : nullptr, y ? nullptr : keep + t * K + e);
-      lane_store(bhi, rhi < nv, y ? y + t * K + e + 16 : nullptr, y ? nullptr : keep + t * K + e + 16);
+    float* yr = y ? y + t * K : nullptr;
+    uint8_t* kr = y ? nullptr : keep + t * K;
+    for (int64_t e = 0; e < full; e += kBlock)
+      threshold_block<M, N>(keys, xr + e, scale ? scale + e : nullptr, colnorm ? colnorm + e : nullptr, M, n, bl,
+                            yr ? yr + e : nullptr, kr ? kr + e : nullptr);
+    if (full < K) {
+      const int64_t rest = K - full;
+      auto padded = [&](int i, const float* src) -> const float* {
+        if (!src) return nullptr;
+        std::copy(src + full, src + K, pad[i]);
+        std::fill(pad[i] + rest, pad[i] + kBlock, 0.0f);
+        return pad[i];
+      };
+      const float* xp = padded(0, xr);
+      const float* sp = padded(1, scale);
+      const float* cp = padded(2, colnorm);
+      threshold_block<M, N>(keys, xp, sp, cp, static_cast<int>(rest / 16), n, bl, yr ? yr + full : nullptr,
+                            kr ? kr + full : nullptr);
     }
   }
 }
 
+// AVX-512 rows of M: threshold blocks when they apply, else the pairwise lanes.
+template <int M>
+NM_INLINE_AVX512 void mask_rows_lanes_avx512(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K, int n,
+                                             const float* scale, const float* colnorm, float* y, uint8_t* keep) {
+  if (n <= 0 || n >= M || !block_lanes<M>().valid) {
+    mask_rows_lanes<M>(x, t0, t1, K, n, scale, colnorm, y, keep);
+  } else if (scale || colnorm) {
+    if (n == M / 2)
+      threshold_rows<M, M / 2>(ScoreKeys{}, x, t0, t1, K, n, scale, colnorm, y, keep);
+    else
+      threshold_rows<M, 0>(ScoreKeys{}, x, t0, t1, K, n, scale, colnorm, y, keep);
+  } else {
+    if (n == M / 2)
+      threshold_rows<M, M / 2>(AbsKeys{}, x, t0, t1, K, n, scale, colnorm, y, keep);
+    else
+      threshold_rows<M, 0>(AbsKeys{}, x, t0, t1, K, n, scale, colnorm, y, keep);
+  }
+}
+#endif
+
 using MaskRowsFn = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, int64_t, int, const float*, const float*,
                             float*, uint8_t*, MaskScratch&);
 
-#define NM_MASK_VARIANT(NAME, ATTR, LANES)                                                                       \
-  template <int M>                                                                                        \
+#define NM_MASK_VARIANT(NAME, ATTR)                                                                          \
+  template <int M>                                                                                          \
   ATTR void NAME(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K, int n, const float* scale, \
                  const float* colnorm, float* y, uint8_t* keep, MaskScratch& sc) {                           \
-    if (LANES && M <= 16 && K % 16 == 0)                                                                   \
-      mask_rows_lanes<(M <= 16 ? M : 16)>(x, t0, t1, K, n, scale, colnorm, y, keep);                         \
-    else if (LANES && M == 32)                                                                              \
-      mask_rows_lanes32(x, t0, t1, K, n, scale, colnorm, y, keep);                                          \
-    else                                                                                                    \
-      mask_rows_fixed<M>(x, t0, t1, K, n, scale, colnorm, y, keep, sc);                                    \
+    mask_rows_fixed<M>(x, t0, t1, K, n, scale, colnorm, y, keep, sc);                                        \
   }
-#if defined(__x86_64__) || defined(__i386__)
-#define NM_X86 1
-NM_MASK_VARIANT(mask_rows_avx512, __attribute__((target("avx512f,avx512bw,avx512vl"))), true)
-NM_MASK_VARIANT(mask_rows_avx2, __attribute__((target("avx2"))), false)
+#ifdef NM_X86
+template <int M>
+NM_TARGET_AVX512 void mask_rows_avx512(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K, int n,
+                                       const float* scale, const float* colnorm, float* y, uint8_t* keep,
+                                       MaskScratch& sc) {
+  if constexpr (M <= 32) {
+    if (M == 32 || K % 16 == 0) return mask_rows_lanes_avx512<M>(x, t0, t1, K, n, scale, colnorm, y, keep);
+  }
+  mask_rows_fixed<M>(x, t0, t1, K, n, scale, colnorm, y, keep, sc);
+}
+NM_MASK_VARIANT(mask_rows_avx2, __attribute__((target("avx2"))))
 #endif
-NM_MASK_VARIANT(mask_rows_base, , false)
+NM_MASK_VARIANT(mask_rows_base, )
 #undef NM_MASK_VARIANT
 
 template <int M>
@@ -367,6 +670,21 @@ MaskRowsFn mask_rows_for(int m) {
 }
 
 }  // namespace
+
+void nm_keep_rows(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
+                  const float* colnorm, uint8_t* keep, const ParallelFor& pf) {
+  if (const MaskRowsFn fn = mask_rows_for(m)) {  // the NMMask fast paths, writing keep flags
+    pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
+      MaskScratch sc;
+      fn(x, t0, t1, K, n, scale, colnorm, nullptr, keep, sc);
+    });
+    return;
+  }
+  pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
+    RowScratch sc;
+    for (std::ptrdiff_t t = t0; t < t1; ++t) row_keep(x + t * K, K, n, m, scale, colnorm, keep + t * K, sc);
+  });
+}
 
 void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
                  const float* colnorm, float* y, const ParallelFor& pf) {
