@@ -149,6 +149,7 @@ def main() -> int:
         gen = time.perf_counter() - t
         size = (src_dir / "model.onnx_data").stat().st_size
         print(f"generated {size / 1e9:.2f} GB in {gen:.1f} s", flush=True)
+        load_before = os.getloadavg()
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src_dir), str(tmp / "sparse")],
                                 stdout=subprocess.PIPE, text=True,
                                 cwd=Path(__file__).resolve().parents[1])
@@ -157,13 +158,15 @@ def main() -> int:
         if status != 0:
             print(out, file=sys.stderr)
             return 1
+        load_after = os.getloadavg()
         res = json.loads(out.strip().splitlines()[-1])
         rss_gb = usage.ru_maxrss * 1024 / 1e9  # Linux: KiB
         out_size = sum(f.stat().st_size for f in (tmp / "sparse").iterdir())
         when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         cpu = platform.processor() or platform.machine()
         print(f"\n## transform on a 7B-shaped graph (transform_7b.py)\n\n"
-              f"{when}, {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}. Graph: "
+              f"{when}, {cpu}, {os.cpu_count()} cores, load average (1/5/15 min) before the transform "
+              f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)}. Graph: "
               f"{args.layers} layers, hidden {HIDDEN}, MLP {MLP}, vocab {VOCAB}, float16 external data "
               f"{size / 1e9:.2f} GB (generated in {gen:.0f} s). Recipe: Amber + median shift, 8:16, every "
               f"q/k/v/o/gate/up/down projection.\n\n"

@@ -167,18 +167,26 @@ def test_portable_runs_without_library(name, tmp_path):
     np.testing.assert_allclose(got, expected(r, w, b, x, cal), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("via", ["", "cast", "transpose"])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_float16_and_weight_paths(via, fuse, tmp_path):
+def test_float16_and_weight_paths(via, fuse, bias, tmp_path):
+    """MatMul with and without a Cast (or Transpose) on the weight, with and without a bias Add."""
     dtype = "float" if via == "transpose" else "float16"
     r = recipe(shift="median", variance_correction=True, criterion="amber")
-    model, w, b, x = linear_model(dtype=dtype, via=via, bias=True)
+    model, w, b, x = linear_model(dtype=dtype, via=via, bias=bias)
     proto, rep = transformed(model, r, fuse=fuse)
     assert rep.fused[MODULE] == ("fused" if fuse else "--no-fuse")
+    types = op_types(proto)
+    assert types.count("Add") == (bias + (0 if fuse else 1))  # the linear's bias Add (+ unfused shift bias)
+    assert types.count("Cast") == (via == "cast") + (0 if fuse else 3)  # (+ 3 variance-correction casts)
     if fuse:
         node = next(n for n in proto.graph.node if n.op_type == "NMSparseMatMul")
         producers = {o: n.op_type for n in proto.graph.node for o in n.output}
         assert producers.get(node.input[1]) == {"cast": "Cast", "transpose": "Transpose"}.get(via)
+        assert types.count("MatMul") == 0
+    else:
+        assert types.count("MatMul") == 1 and types.count("NMMask") == 1 and types.count("TokenShift") == 1
     ref = run_reference(proto, x)
     got = run_ort(proto, x, tmp_path)
     tol = 2e-2 if dtype == "float16" else 2e-5
@@ -238,6 +246,52 @@ def test_fuse_explains_extra_consumer():
     fp = FusePass()
     fp(m)
     assert "not read by exactly one MatMul" in fp.report.fused[MODULE]
+
+
+def _unfused(**kw):
+    model, *_ = linear_model()
+    m = ir.serde.deserialize_model(model)
+    run_pipeline(m, recipe(**kw), fuse=False, check=False)
+    return m, {n.op_type: n for n in m.graph}
+
+
+def _extra_reader(m, value):
+    extra = ir.node("Identity", [value], name="extra")
+    m.graph.append(extra)
+    extra.outputs[0].name = "extra_out"
+    m.graph.outputs.append(extra.outputs[0])
+
+
+def _non_constant_scale(m, nodes):
+    mask = nodes["NMMask"]
+    ident = ir.node("Identity", [mask.inputs[1]], name="scale_copy")
+    m.graph.insert_before(mask, ident)
+    mask.replace_input_with(1, ident.outputs[0])
+
+
+TAMPER = {
+    "channel_scale is not a constant": ({"criterion": "amber"}, _non_constant_scale),
+    "the TokenShift output is read by more than the mask":
+        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["TokenShift"].outputs[0])),
+    "the TokenShift eta is not used only as Mul(eta, r)":
+        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["TokenShift"].outputs[1])),
+    "Mul(eta, r) is not added to the MatMul output":
+        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["MatMul"].outputs[0])),
+    "the NMMask output is a graph output": ({}, lambda m, n: m.graph.outputs.append(n["NMMask"].outputs[0])),
+}
+
+
+@pytest.mark.parametrize("reason", list(TAMPER))
+def test_fuse_explains_each_failed_check(reason):
+    """Every check of the fuse rule that can fail says why; the chain is then left unfused and intact."""
+    kw, tamper = TAMPER[reason]
+    m, nodes = _unfused(**kw)
+    tamper(m, nodes)
+    fp = FusePass()
+    result = fp(m)
+    assert fp.report.fused[MODULE].startswith(reason), fp.report.fused
+    assert not result.modified
+    assert [n.op_type for n in m.graph].count("NMMask") == 1
 
 
 def test_locate_reports_dense_sites_with_reason():

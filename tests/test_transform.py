@@ -218,3 +218,56 @@ def test_torch_dynamo_export(tmp_path):
             u = torch.relu(sparse_linear(h, layer.mlp.up_proj.weight, None, **kw))
             h = h + sparse_linear(u, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias, **kw)
     np.testing.assert_allclose(outs[0], h.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_external_data_writer_round_trip(tmp_path, monkeypatch):
+    """save_model's own data writer (aligned offsets, two buffers, O_DIRECT where possible): the bytes
+    of external and in-memory tensors come back identical, small tensors stay inline."""
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    import nm_onnx.transform as tr
+
+    monkeypatch.setattr(tr, "_COPY_CHUNK", 8192)  # several pieces per tensor, padded last piece
+    rng = np.random.default_rng(0)
+    arrays = {"big": rng.standard_normal(3 * 2048 + 25).astype(np.float32),  # 3 pieces + a short one
+              "mid": rng.standard_normal((50, 100)).astype(np.float16),
+              "small": np.arange(10, dtype=np.int64)}
+    src = ir.Model(ir.Graph([], [], nodes=[], initializers=[
+        ir.Value(name="big", const_value=ir.tensor(arrays["big"], name="big"))]), ir_version=10)
+    ir.save(src, tmp_path / "src.onnx", external_data="src.data", size_threshold_bytes=0)
+    model = ir.load(tmp_path / "src.onnx")  # "big" is an ExternalTensor now
+    for name in ("mid", "small"):
+        model.graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(arrays[name], name=name)))
+    tr.save_model(model, tmp_path / "out" / "m.onnx", external=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx_data"]
+    proto = onnx.load(str(tmp_path / "out" / "m.onnx"), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer}
+    assert where["small"] == {} and all(int(where[n]["offset"]) % 4096 == 0 for n in ("big", "mid"))
+    size = (tmp_path / "out" / "m.onnx_data").stat().st_size
+    assert size == max(int(w["offset"]) + int(w["length"]) for w in where.values() if w)
+    onnx.load_external_data_for_model(proto, str(tmp_path / "out"))
+    for t in proto.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), arrays[t.name])
+    assert isinstance(model.graph.initializers["big"].const_value, ir.ExternalTensor)  # model left as it was
+    assert model.graph.initializers["big"].const_value.path == str(tmp_path / "src.data")
+
+
+def test_external_input_error_leaves_nothing_behind(tmp_path):
+    """The weights of an external-data input are copied to a staging file while the passes run; an
+    error in the passes removes it (and writes nothing at OUT)."""
+    src = tiny_export("llama")
+    m = onnx.load(str(src / "model.onnx"))
+    (tmp_path / "in").mkdir()
+    onnx.save(m, str(tmp_path / "in" / "dense.onnx"), save_as_external_data=True, location="dense.onnx.data",
+              size_threshold=1024)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(NmOnnxError, match="does not divide K=64 at site"):
+        transform(tmp_path / "in" / "dense.onnx", tmp_path / "out" / "s.onnx", SparsityRecipe(name="x", pattern="32:48").validate())
+    assert list((tmp_path / "out").iterdir()) == []
+    transform(tmp_path / "in" / "dense.onnx", tmp_path / "out" / "s.onnx", "8:16-median-shift")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s.onnx", "s.onnx_data"]
+    dense = onnx.load(str(tmp_path / "in" / "dense.onnx"))
+    sparse = onnx.load(str(tmp_path / "out" / "s.onnx"))
+    weights = {t.name: t.raw_data for t in sparse.graph.initializer}
+    assert all(weights[t.name] == t.raw_data for t in dense.graph.initializer)

@@ -1,14 +1,21 @@
-"""Weight access for the passes: one weight at a time, straight from (external) data.
+"""Weight access for the passes: one weight at a time, straight from (external) data, in one read.
 
 The passes need two constants per site that depend on the weight: the shift bias r = W·1 (column
 sums of B = W^T) and the Amber / Wanda channel factors (`nm_onnx.reference.channel_factors`). They
-are computed here weight by weight, and the tensor's memory (mmap or loaded bytes) is released right
-after, so transforming a 13 GB model holds a single weight in memory.
+are computed here weight by weight in ONE chunked pass over the stored bytes (external data is read
+with plain file reads into a small reused buffer: no mmap, no whole-weight copy), so transforming a
+13 GB model holds a few MiB per weight. The sites are independent: `site_constants_parallel` runs
+them on a thread pool (numpy releases the GIL in the float work), one weight per worker.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+CHUNK_ELEMENTS = 1 << 18  # elements per chunk of the streaming pass: float64 work set ~2 MiB (cache-sized)
 
 
 def _initializer(model, name: str):
@@ -41,7 +48,44 @@ def release_weight(model, site) -> None:
     _release(_initializer(model, site.weight))
 
 
-CHUNK_ELEMENTS = 4 * 1024 * 1024  # float64 working set of the streaming passes: 32 MiB
+def _file_chunks(tensor, shape, dtype, rows: int):
+    """(start row, [rows, C] chunk) of an external tensor, read with file reads into one reused buffer."""
+    n_rows, n_cols = shape
+    itemsize = dtype.itemsize
+    buf = np.empty(rows * n_cols, dtype=dtype)
+    base = tensor.offset or 0
+    with open(tensor.path, "rb", buffering=0) as f:
+        for start in range(0, n_rows, rows):
+            count = min(rows, n_rows - start)
+            view = memoryview(buf[: count * n_cols]).cast("B")
+            f.seek(base + start * n_cols * itemsize)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    from nm_onnx.errors import NmOnnxError
+
+                    raise NmOnnxError(f"external data of '{tensor.name}' in '{tensor.path}' is truncated")
+                done += got
+            yield start, buf[: count * n_cols].reshape(count, n_cols)
+
+
+def _row_chunks(tensor, rows: int):
+    """(start row, chunk) over the stored 2-D tensor; the chunk buffer is reused, do not keep it."""
+    import onnx_ir as ir
+
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    dtype = np.dtype(tensor.dtype.numpy())
+    if isinstance(tensor, ir.ExternalTensor) and dtype.itemsize * 8 == tensor.dtype.bitwidth and len(shape) == 2:
+        yield from _file_chunks(tensor, shape, dtype.newbyteorder("<"), rows)
+        return
+    array = tensor.numpy().reshape(shape)
+    try:
+        for start in range(0, shape[0], rows):
+            yield start, array[start:start + rows]
+    finally:
+        del array
+        _release(tensor)
 
 
 def _quantile_from_histogram(values: np.ndarray, counts: np.ndarray, q: float) -> float:
@@ -57,14 +101,18 @@ def _quantile_from_histogram(values: np.ndarray, counts: np.ndarray, q: float) -
     return float(b - diff * (1 - t)) if t >= 0.5 else float(a + diff * t)  # numpy's lerp
 
 
-def _amber_mu_sigma_fp16(stored: np.ndarray) -> tuple[float, float]:
-    """Amber's trimmed mean/std of a float16 weight, exactly, from a 65536-bin histogram (one pass)."""
+def _fp16_histogram(bits: np.ndarray) -> np.ndarray:
+    """Counts of each of the 65536 float16 bit patterns (chunked: bincount widens to int64)."""
+    counts = np.zeros(65536, dtype=np.int64)
+    for start in range(0, bits.size, CHUNK_ELEMENTS):
+        counts += np.bincount(bits[start:start + CHUNK_ELEMENTS], minlength=65536)
+    return counts
+
+
+def _amber_mu_sigma_from_counts(counts: np.ndarray) -> tuple[float, float]:
+    """Amber's trimmed mean/std of a float16 weight, exactly, from its 65536-bin bit histogram."""
     from nm_onnx.reference.functional import AMBER_QUANTILES
 
-    bits = np.ascontiguousarray(stored).view(np.uint16).reshape(-1)
-    counts = np.zeros(65536, dtype=np.int64)
-    for start in range(0, bits.size, CHUNK_ELEMENTS):  # bincount casts to int64: keep that bounded
-        counts += np.bincount(bits[start:start + CHUNK_ELEMENTS], minlength=65536)
     values = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
     present = (counts > 0) & ~np.isnan(values)
     values, counts = values[present], counts[present]
@@ -81,66 +129,129 @@ def _amber_mu_sigma_fp16(stored: np.ndarray) -> tuple[float, float]:
     return mu, sigma
 
 
-def _streaming_pass(stored: np.ndarray, transposed: bool, mu: float | None, need_r: bool):
-    """One chunked float64 pass: (sum_o (W[o, j] - mu)^2 per input channel j or None, r = W·1 or None)."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, stored.shape[1]))
-    ss = np.zeros(stored.shape[0] if not transposed else stored.shape[1]) if mu is not None else None
-    r = np.zeros(stored.shape[1] if not transposed else stored.shape[0]) if need_r else None
-    for start in range(0, stored.shape[0], rows):
-        chunk = stored[start:start + rows].astype(np.float64)
-        if transposed:  # stored W [O, K]: chunk = some output rows
+def _amber_mu_sigma_fp16(stored: np.ndarray) -> tuple[float, float]:
+    """Amber's trimmed mean/std of a float16 array (exact histogram quantiles)."""
+    return _amber_mu_sigma_from_counts(_fp16_histogram(np.ascontiguousarray(stored).view(np.uint16).reshape(-1)))
+
+
+def _one_pass(tensor, transposed: bool, channel: bool, hist: bool, need_r: bool):
+    """ONE chunked float64 pass over the stored weight.
+
+    Returns (s1, s2, r, counts, O): per input channel j the sums s2_j = sum_o W[o, j]^2 (if
+    `channel`) and s1_j = sum_o W[o, j] (if `hist`), r = W·1 (if `need_r`), the float16 bit
+    histogram (if `hist`, Amber) and the output size O. With them,
+    sum_o (W[o, j] - mu)^2 = s2_j - 2 mu s1_j + O mu^2 for the mu found afterwards from the
+    histogram, so Amber's trimmed mean needs no second read of the weight.
+    """
+    rows_n, cols_n = (int(d) for d in tensor.shape.numpy())
+    k = cols_n if transposed else rows_n
+    o = rows_n if transposed else cols_n
+    s1 = np.zeros(k) if hist else None  # only Amber's mean correction needs the plain sums
+    s2 = np.zeros(k) if channel else None
+    r = np.zeros(o) if need_r else None
+    counts = np.zeros(65536, dtype=np.int64) if hist else None
+    rows = max(1, CHUNK_ELEMENTS // max(1, cols_n))
+    work = np.empty(rows * cols_n)  # reused: a fresh 2 MiB temporary per chunk costs more than the math
+    for start, chunk in _row_chunks(tensor, rows):
+        if counts is not None:
+            counts += np.bincount(chunk.view(np.uint16).reshape(-1), minlength=65536)
+        x = work[: chunk.shape[0] * cols_n].reshape(chunk.shape[0], cols_n)
+        np.copyto(x, chunk)
+        stop = start + x.shape[0]
+        if transposed:  # stored W [O, K]: rows are output channels
             if r is not None:
-                r[start:start + rows] = chunk.sum(axis=1)
-            if ss is not None:
-                d = chunk - mu
-                ss += (d * d).sum(axis=0)
-        else:  # stored B [K, O]: chunk = some input channels
+                r[start:stop] = x.sum(axis=1)
+            if s1 is not None:
+                s1 += x.sum(axis=0)
+            if s2 is not None:
+                s2 += np.einsum("ij,ij->j", x, x)
+        else:  # stored B [K, O]: rows are input channels
             if r is not None:
-                r += chunk.sum(axis=0)
-            if ss is not None:
-                d = chunk - mu
-                ss[start:start + rows] = (d * d).sum(axis=1)
-    return ss, r
+                r += x.sum(axis=0)
+            if s1 is not None:
+                s1[start:stop] = x.sum(axis=1)
+            if s2 is not None:
+                s2[start:stop] = np.einsum("ij,ij->i", x, x)
+    return s1, s2, r, counts, o
 
 
-def weight_constants(model, site, criterion: str | None, need_r: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(channel factors f [K] or None, r = W·1 [O] or None) of one site, float32, one weight in memory.
+def tensor_constants(tensor, transposed: bool, criterion: str | None, need_r: bool):
+    """(channel factors f [K] or None, r = W·1 [O] or None) of one stored weight tensor, float32.
 
-    Amber on float16 weights and Wanda take a streaming path (exact histogram quantiles for float16,
-    chunked float64 sums: a few passes, 32 MiB of work memory, fast on 7B models); Amber on other
-    dtypes calls `nm_onnx.reference.channel_factors` itself. Both agree with the reference to float
-    rounding (tests/test_passes_constants.py).
+    Wanda, and Amber on float16 weights, take the one-pass path (Amber's [0.5%, 99.5%] quantiles
+    exactly from the float16 bit histogram); Amber on other dtypes calls
+    `nm_onnx.reference.channel_factors` itself (exact quantiles need the whole weight). Both agree
+    with the reference to float rounding (tests/test_passes_constants.py).
     """
     if criterion not in ("amber", "wanda") and not need_r:
         return None, None
-    tensor = _initializer(model, site.weight)
-    stored = tensor.numpy()
-    try:
-        factors = None
-        mu = sigma = None
-        if criterion == "amber" and stored.dtype == np.float16:
-            mu, sigma = _amber_mu_sigma_fp16(stored)
-        elif criterion == "wanda":
-            mu = 0.0
-        elif criterion == "amber":
-            from nm_onnx.reference import channel_factors
+    fp16 = tensor.dtype.numpy() == np.float16
+    factors = None
+    if criterion == "amber" and not fp16:
+        from nm_onnx.reference import channel_factors
 
-            factors = channel_factors(stored if site.transposed else stored.T, criterion)
-        ss, r = _streaming_pass(stored, site.transposed, mu, need_r)
-        if ss is not None:
-            if criterion == "wanda":
-                factors = np.sqrt(ss).astype(np.float32)
-            else:
-                c = np.sqrt(ss) / sigma
-                cmin = c.min()
-                if not cmin > 0:
-                    cmin = np.finfo(np.float64).tiny
-                factors = (c / cmin).astype(np.float32)
-        r = r.astype(np.float32) if r is not None else None
-    finally:
-        del stored
-        _release(tensor)
-    return factors, r
+        stored = tensor.numpy()
+        try:
+            factors = channel_factors(stored if transposed else stored.T, criterion)
+        finally:
+            del stored
+            _release(tensor)
+        criterion = None
+        if not need_r:
+            return factors, None
+    channel = criterion in ("amber", "wanda")
+    s1, s2, r, counts, o = _one_pass(tensor, transposed, channel, criterion == "amber", need_r)
+    if criterion == "wanda":
+        factors = np.sqrt(s2).astype(np.float32)
+    elif criterion == "amber":
+        mu, sigma = _amber_mu_sigma_from_counts(counts)
+        ss = np.maximum(s2 - 2.0 * mu * s1 + o * mu * mu, 0.0)  # sum_o (W[o, j] - mu)^2
+        c = np.sqrt(ss) / sigma
+        cmin = c.min()
+        if not cmin > 0:
+            cmin = np.finfo(np.float64).tiny
+        factors = (c / cmin).astype(np.float32)
+    return factors, (r.astype(np.float32) if r is not None else None)
+
+
+def weight_constants(model, site, criterion: str | None, need_r: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(channel factors f [K] or None, r = W·1 [O] or None) of one site, float32, one weight read once."""
+    if criterion not in ("amber", "wanda") and not need_r:
+        return None, None
+    return tensor_constants(_initializer(model, site.weight), site.transposed, criterion, need_r)
+
+
+def default_workers() -> int:
+    """Threads for the per-weight constants: the usable cores (at most 8; NM_ONNX_THREADS overrides)."""
+    env = os.environ.get("NM_ONNX_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def site_constants_parallel(model, jobs, workers: int | None = None):
+    """Yield weight_constants(model, site, criterion, need_r) for each job, in order, on a thread pool.
+
+    The weight tensors are looked up on the calling thread; each worker then reads one weight at a
+    time, so at most `workers` weights are being read at once (a few MiB of buffers each).
+    """
+    tasks = [(_initializer(model, s.weight) if (c in ("amber", "wanda") or nr) else None, s.transposed, c, nr)
+             for s, c, nr in jobs]
+    workers = workers or default_workers()
+
+    def work(task):
+        tensor, transposed, criterion, need_r = task
+        return (None, None) if tensor is None else tensor_constants(tensor, transposed, criterion, need_r)
+
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(work, tasks)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nm-onnx-constants") as pool:
+        yield from pool.map(work, tasks)
 
 
 def shift_times_weight(model, site, shift: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from nm_onnx.graph.constants import shift_times_weight, weight_constants
+from nm_onnx.graph.constants import shift_times_weight, site_constants_parallel, weight_constants
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect
 
@@ -61,15 +61,21 @@ def variance_scale_nodes(graph, site, x: ir.Value, xh: ir.Value, dtype, opset: i
     return nodes, back.outputs[0]
 
 
-def insert_site(model: ir.Model, plan: SitePlan, opset: int) -> None:
+def _weight_job(plan: SitePlan):
+    """(site, criterion whose factors are computed from the weight or None, need r = W·1)."""
+    calibrated = plan.constants.get("channel_scale")  # an artifact's factors win over recomputing them
+    return plan.site, (None if calibrated is not None else plan.criterion), plan.shift in ("median", "mean")
+
+
+def insert_site(model: ir.Model, plan: SitePlan, opset: int, weight_consts=None) -> None:
+    """Insert the chain at one site; `weight_consts` = (factors, r) when already computed."""
     graph = model.graph
     site = plan.site
     matmul = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
     x, y = matmul.inputs[0], matmul.outputs[0]
     dtype = activation_dtype(matmul)
-    need_r = plan.shift in ("median", "mean")
-    calibrated = plan.constants.get("channel_scale")  # an artifact's factors win over recomputing them
-    factors, r = weight_constants(model, site, None if calibrated is not None else plan.criterion, need_r)
+    calibrated = plan.constants.get("channel_scale")
+    factors, r = weight_consts if weight_consts is not None else weight_constants(model, *_weight_job(plan))
     if calibrated is not None and plan.criterion in ("amber", "wanda"):
         factors = calibrated.reshape(-1)
 
@@ -136,15 +142,22 @@ def insert_site(model: ir.Model, plan: SitePlan, opset: int) -> None:
 
 
 class InsertPass(ir.passes.InPlacePass):
-    """Insert the unfused sparsity chain at every site of `plans` (weights read one at a time)."""
+    """Insert the unfused sparsity chain at every site of `plans`.
 
-    def __init__(self, locate):
+    The weight constants (r = W·1, channel factors) are computed on a thread pool, one weight per
+    worker, each read once (`nm_onnx.graph.constants`); the graph is edited on this thread as the
+    results arrive, in site order, so the output does not depend on the number of workers.
+    """
+
+    def __init__(self, locate, workers: int | None = None):
         super().__init__()
         self.locate = locate  # the LocatePass whose plans this pass executes
+        self.workers = workers  # None: nm_onnx.graph.constants.default_workers()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = _opset(model)
         plans: list[SitePlan] = self.locate.plans
-        for plan in plans:
-            insert_site(model, plan, opset)
+        results = site_constants_parallel(model, [_weight_job(p) for p in plans], self.workers)
+        for plan, consts in zip(plans, results, strict=True):
+            insert_site(model, plan, opset, consts)
         return ir.passes.PassResult(model, bool(plans))
