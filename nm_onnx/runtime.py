@@ -3,7 +3,8 @@
 `make_session` registers the nm-onnx op library whenever it is built (ORT then runs our kernels even
 for nodes that also carry a model-local function), picks providers (CUDA when available, else CPU),
 and fails early with a clear message when a model needs our ops, the library is missing and the model
-carries no portable function bodies.
+carries no portable function bodies, or when an nm_onnx node has a wrong dtype or a bad attribute
+(checked by nm_onnx.ops.validate before ORT sees the model).
 """
 
 from __future__ import annotations
@@ -20,12 +21,34 @@ def model_needs_ops(path: str | os.PathLike) -> tuple[bool, bool]:
     """(uses nm_onnx ops, carries model-local functions for all of them) without loading weights."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    return _needs_ops(onnx.load(str(path), load_external_data=False))
+
+
+def _needs_ops(m) -> tuple[bool, bool]:
     used = {n.op_type for n in m.graph.node if n.domain == DOMAIN}
     if not used:
         return False, True
     funcs = {f.name for f in m.functions if f.domain == DOMAIN}
     return True, used <= funcs
+
+
+def check_nm_nodes(m, cuda: bool = False) -> None:
+    """nm_onnx.ops.validate.check_model on a weightless skeleton of `m` (fast on a 500 MB model).
+
+    A wrong input dtype or a bad attribute (n, m, criterion, shift, ...) then fails with our one-line
+    NmOnnxError naming the node, instead of an ORT graph-resolver or kernel-constructor message.
+    Initializers become typed graph inputs: dtypes and shapes still propagate, weights are not copied.
+    """
+    from onnx import helper
+
+    from nm_onnx.ops.validate import check_model
+
+    g = m.graph
+    consts = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+    graph = helper.make_graph(list(g.node), g.name, list(g.input) + consts, list(g.output))
+    skeleton = helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+    skeleton.functions.extend(m.functions)
+    check_model(skeleton, cuda=cuda)
 
 
 def available_providers() -> list[str]:
@@ -43,12 +66,14 @@ def make_session(
     use_library: bool = True,
 ):
     """An InferenceSession for `path` with the op library registered (if built and wanted)."""
+    import onnx
     import onnxruntime as ort
 
     from nm_onnx.graph.load import model_file
 
     path = model_file(path)
-    needs, portable = model_needs_ops(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    needs, portable = _needs_ops(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -58,8 +83,11 @@ def make_session(
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    if profile:
+    if profile:  # ORT writes the JSON when profiling ends; keep it out of the working directory
+        import tempfile
+
         so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "nm_onnx_profile")
     registered = False
     if use_library:
         from nm_onnx import ops
@@ -78,9 +106,12 @@ def make_session(
         avail = available_providers()
         providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []
         providers.append("CPUExecutionProvider")
+    if needs:
+        check_nm_nodes(proto, cuda=any(str(p).startswith("CUDA") for p in providers))
+    del proto
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - ORT raises several types; one clear line instead
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NmOnnxError(f"onnxruntime cannot load {path}: {msg}") from None
     sess.nm_onnx_library = registered  # type: ignore[attr-defined]

@@ -85,6 +85,8 @@ def test_validate_passes_on_tiny_model(tiny_sparse, tmp_path):
     assert checks["b"]["details"]["sites"] == 14  # 2 layers x 7 projections
     assert all(s["mask_mismatches"] == 0 for s in checks["b"]["details"]["per_site"])
     assert checks["d"]["details"]["cases"] > 50
+    c = checks["c"]["details"]  # paired per-window noise is reported next to the relative difference
+    assert len(c["window_rel_diff"]) == 2 and c["rel_se"] >= 0
     for c in "abcd":
         assert f"PASS ({c})" in r.stdout
 

@@ -62,8 +62,8 @@ def bench_markdown(res: dict) -> str:
     for name, r in res["results"].items():
         rows.append([name, r["path"], f"{r['prefill_tok_s']:.1f}",
                      f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–"])
-    lines = [f"machine: {res['machine']}; providers {', '.join(res['providers'])}; prompt {res['prompt']} "
-             f"tokens, decode {res['decode']} steps; medians of {res['repeats']} interleaved repeats", "",
+    lines = [(f"machine: {res['machine']}; providers {', '.join(res['providers'])}; prompt {res['prompt']} "
+              f"tokens, decode {res['decode']} steps; medians of {res['repeats']} interleaved repeats"), "",
              markdown_table(["model", "path", "prefill tok/s", "decode tok/s"], rows)]
     if "prefill_speedup" in res:
         lines += ["", f"speedup vs baseline: prefill {res['prefill_speedup']:.2f}x"

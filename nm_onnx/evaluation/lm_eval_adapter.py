@@ -11,7 +11,7 @@ Model args: path (an .onnx file or export directory), tokenizer (default: the mo
 threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - nm_onnx.models must be imported before lm_eval
 
 import json
 import math

@@ -9,7 +9,7 @@ need tens of GB).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,9 +24,10 @@ class PerplexityResult:
     tokens: int  # predicted tokens
     windows: int
     seqlen: int
+    window_nll: list[float] = field(default_factory=list, repr=False)  # mean NLL of each window
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "window_nll"}
 
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -39,13 +40,13 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float((lse - picked).sum()), int(tgt.size)
 
 
-def _result(total: float, count: int, windows: np.ndarray) -> PerplexityResult:
+def _result(total: float, count: int, windows: np.ndarray, per_window: list[float]) -> PerplexityResult:
     nll = total / max(count, 1)
-    return PerplexityResult(math.exp(nll), nll, count, int(windows.shape[0]), int(windows.shape[1]))
+    return PerplexityResult(math.exp(nll), nll, count, int(windows.shape[0]), int(windows.shape[1]), per_window)
 
 
 def perplexity_onnx(session, windows: np.ndarray, desc: str = "perplexity (ORT)", progress=True):
-    total, count = 0.0, 0
+    total, count, per = 0.0, 0, []
     out_names = [o.name for o in session.get_outputs()]
     li = out_names.index("logits")
     for w in tqdm(windows, desc=desc, unit="win", disable=not progress, leave=False):
@@ -53,13 +54,14 @@ def perplexity_onnx(session, windows: np.ndarray, desc: str = "perplexity (ORT)"
         s, c = window_nll(logits, w[None, :])
         total += s
         count += c
-    return _result(total, count, windows)
+        per.append(s / max(c, 1))
+    return _result(total, count, windows, per)
 
 
 def perplexity_torch(model, windows: np.ndarray, desc: str = "perplexity (torch)", progress=True):
     import torch
 
-    total, count = 0.0, 0
+    total, count, per = 0.0, 0, []
     with torch.inference_mode():
         for w in tqdm(windows, desc=desc, unit="win", disable=not progress, leave=False):
             ids = torch.from_numpy(np.asarray(w[None, :], dtype=np.int64))
@@ -67,4 +69,5 @@ def perplexity_torch(model, windows: np.ndarray, desc: str = "perplexity (torch)
             s, c = window_nll(logits.float().numpy(), w[None, :])
             total += s
             count += c
-    return _result(total, count, windows)
+            per.append(s / max(c, 1))
+    return _result(total, count, windows, per)
