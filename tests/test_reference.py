@@ -163,6 +163,7 @@ def test_amber_factors_exact_and_deterministic():
     f = amber_factors(w)
     assert f.dtype == np.float32 and f.shape == (32,) and f.min() == 1.0
     np.testing.assert_allclose(f, _amber_independent(w), rtol=1e-6)
+    assert np.array_equal(f, amber_factors(w))  # same factors on every call ...
     assert np.array_equal(f, amber_factors(torch.from_numpy(w)))
     assert np.array_equal(f, channel_factors(w, "amber"))
     code = (
@@ -226,6 +227,30 @@ def test_variance_correction_and_scale_shift(lin):
     xh = nm_prune(x, 2, 4)
     v = torch.sqrt(x.var(-1, keepdim=True) / xh.var(-1, keepdim=True))
     assert torch.allclose(got, v * (xh @ w.T) * (1 + a) + bo + b, atol=1e-4)
+
+
+def test_mitigations_hand_checked():
+    """W = I so y is x_hat itself; every number below is worked out by hand."""
+    eye = torch.eye(4)
+    x = T([[10.0, 11.0, 12.0, 0.5]])
+    assert sparse_linear(x, eye, n=2, m=4).tolist() == [[0.0, 11.0, 12.0, 0.0]]
+    # lower median of [0.5, 10, 11, 12] is 10: x - 10 = [0, 1, 2, -9.5] keeps 2 and -9.5, then + 10
+    assert sparse_linear(x, eye, n=2, m=4, shift="median").tolist() == [[10.0, 10.0, 12.0, 0.5]]
+    x = T([[1.0, 2.0, 3.0, 4.0]])
+    # static eta = 1: [0, 1, 2, 3] keeps 2 and 3 -> [0, 0, 2, 3] + 1
+    got = sparse_linear(x, eye, n=2, m=4, shift="static", static_shift=T([1.0]))
+    assert got.tolist() == [[1.0, 1.0, 3.0, 4.0]]
+    # learned s = x: x - s = 0 everywhere (a 4-way tie, indices 0 and 1 kept, both 0) -> x_hat = s = x
+    assert sparse_linear(x, eye, n=2, m=4, shift="learned", learned_shift=x[0]).tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    # variance correction: x_hat = [0, 0, 3, 4], v = sqrt((5/3) / (17/4))
+    got = sparse_linear(x, eye, n=2, m=4, variance_correction=True)
+    v = math.sqrt((5 / 3) / (17 / 4))
+    assert got[0].tolist() == pytest.approx([0.0, 0.0, 3 * v, 4 * v], rel=1e-6)
+    # scale_shift: (x_hat W^T) * (1 + a) + b
+    got = sparse_linear(x, eye, n=2, m=4, scale_a=T([1.0, 0.0, 0.5, 0.0]), scale_b=T([0.0, 0.0, 0.0, 1.0]))
+    assert got.tolist() == [[0.0, 0.0, 4.5, 5.0]]
+    # NaN propagates through the median shift instead of being pruned away
+    assert torch.isnan(sparse_linear(T([[1.0, NAN, 3.0, 2.0]]), eye, n=2, m=4, shift="median")).all()
 
 
 def test_learned_shift_gets_gradients(lin):
@@ -309,6 +334,33 @@ def test_weight_pruning_exact_nm_masks(tiny, tmp_path):
             apply_weight_pruning(model, "2:4", "wanda")
     finally:
         model.load_state_dict(state)
+
+
+def test_weight_mask_hand_checked():
+    w = T([[1.0, -3.0, 2.0, 2.0, 0.5, 0.0, -0.5, 0.1],
+           [0.0, 0.0, 0.0, 0.0, 0.0, -0.0, 0.0, 0.0]])
+    # magnitude 2:4: the largest |w|, ties (2 vs 2, 0.5 vs -0.5, zeros) go to the lower index
+    assert weight_mask(w, "2:4").tolist() == [[False, True, True, False, True, False, True, False],
+                                             [True, True, False, False, True, True, False, False]]
+    # Wanda: |w_ij| * ||X_j||; a large input norm on channel 0 and 7 changes the choice
+    norms = T([10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 100.0])
+    assert weight_mask(w, "2:4", norms)[0].tolist() == [True, True, False, False, True, False, False, True]
+    # exactly N of every M per row, whatever the values (zeros, ties)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(16, 64, generator=g).round()  # many exact ties and zeros
+    for pattern, n, m in (("2:4", 2, 4), ("8:16", 8, 16), ("16:32", 16, 32)):
+        mask = weight_mask(big, pattern)
+        assert torch.all(mask.reshape(16, -1, m).sum(-1) == n), pattern
+    assert int(weight_mask(big, "unstructured:0.75").sum(-1).max()) == 16
+
+
+def test_weight_pruning_pattern_must_divide_k(tiny):
+    model, _ = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NmOnnxError, match="does not fit model.layers.0.self_attn.q_proj: K=64"):
+        apply_weight_pruning(model, "3:48", "magnitude")
+    for k, v in model.state_dict().items():  # nothing was pruned before the check failed
+        assert torch.equal(v, state[k]), k
 
 
 def test_perplexity_matches_hf_loss(tiny):

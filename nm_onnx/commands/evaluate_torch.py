@@ -99,7 +99,7 @@ def run(args) -> int:
         "seqlen": args.seqlen,
         "windows": res.windows,
         "tokens": res.tokens,
-        "nll": res.nll,
+        "nll": res.nll,  # mean NLL per predicted token (nats)
         "perplexity": res.perplexity,
         "seconds": round(time.time() - t0, 2),
     }

@@ -6,6 +6,7 @@ Public API:
   model level:       sparsify_model(model, recipe, artifact=None), unsparsify_model(model),
                      SparseLinear, apply_weight_pruning(model, pattern, method, calib_inputs)
   evaluation:        perplexity_torch(model, windows) -> float, nll_torch(...) -> PerplexityResult
+                     (both reuse nm_onnx.evaluation.perplexity: one scoring code for torch and ORT)
 """
 
 from nm_onnx.reference.functional import (
