@@ -84,7 +84,7 @@ def test_nm_mask_matches_reference(nm, lead, groups, kind, dtype, criterion, sca
 @given(
     mode=st.sampled_from(["median", "mean"]),
     lead=leading,
-    k=st.integers(0, 9),
+    k=st.integers(0, 9) | st.integers(10, 700),  # wide rows: the median's compaction passes and tails
     kind=kinds,
     dtype=dtypes,
     seed=st.integers(0, 2**31),
@@ -233,6 +233,30 @@ for m in (1, 2, 4, 8, 16, 32, 64):
                 sess = ort.InferenceSession(op_model("NMMask", ["X"], ["Y"], n=n, m=m, criterion=crit)
                                             .SerializeToString(), so, providers=["CPUExecutionProvider"])
                 assert_same(sess.run(None, {"X": x})[0], ops.nm_mask(x, n, m, crit))
+# Row statistics (median, mean, variance factor, kept indices) on wide rows of every kind.
+for k in (1, 2, 15, 16, 17, 576, 1000):
+    for kind in ("normal", "ties", "special"):
+        x = random_values(rng, (9, k), kind)
+        x[0] = 0.0
+        x[1, : k // 2] = -0.0
+        for mode in ("median", "mean"):
+            so = ort.SessionOptions()
+            ops.register_library(so)
+            sess = ort.InferenceSession(op_model("TokenShift", ["X"], ["Xc", "eta"], mode=mode)
+                                        .SerializeToString(), so, providers=["CPUExecutionProvider"])
+            for got, want in zip(sess.run(None, {"X": x}), ops.token_shift(x, mode)):
+                assert_same(got, want)
+    if k % 4 == 0:
+        x = random_values(rng, (9, k), "normal")
+        b = rng.standard_normal((k, 5)).astype(np.float32)
+        so = ort.SessionOptions()
+        ops.register_library(so)
+        sess = ort.InferenceSession(op_model("NMSparseMatMul", ["X", "B", "", "sb"], ["Y"], n=2, m=4,
+                                             shift="median", variance_correction=1)
+                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"X": x, "B": b, "sb": b.sum(0)})[0]
+        np.testing.assert_allclose(y, ops.nm_sparse_matmul(x, b, 2, 4, "median", 1, None, b.sum(0)),
+                                   rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
@@ -240,7 +264,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
 def test_every_instruction_set_variant_matches_reference(isa):
     """The float32 NMMask paths chosen at run time (AVX-512 lane permutes, AVX2 / baseline transposed
-    ranking) all equal the reference; NM_ONNX_ISA caps the variant (avx512 = the machine's best)."""
+    ranking) and the row statistics (median bisection, variances, kept indices) all equal the reference;
+    NM_ONNX_ISA caps the variant (avx512 = the machine's best)."""
     import os
     import subprocess
     import sys

@@ -3,9 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -18,7 +16,9 @@
 #pragma GCC diagnostic pop
 #endif
 
+#include "isa.h"
 #include "nm_select.h"
+#include "row_stats.h"
 
 namespace nm_onnx {
 namespace {
@@ -89,38 +89,11 @@ inline void row_keep(const float* x, int64_t K, int n, int m, const float* scale
   }
 }
 
-float row_shift(const float* x, int64_t K, Shift mode, std::vector<float>& scratch) {
-  if (mode == Shift::kNone || K == 0) return 0.0f;
-  if (mode == Shift::kMean) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < K; ++j) sum += static_cast<double>(x[j]);
-    return mean_shift(sum, K);
-  }
-  for (int64_t j = 0; j < K; ++j)
-    if (std::isnan(x[j])) return std::numeric_limits<float>::quiet_NaN();
-  scratch.assign(x, x + K);
-  const int64_t r = lower_median_rank(K);
-  std::nth_element(scratch.begin(), scratch.begin() + r, scratch.end());
-  return canonical_shift(scratch[r]);
-}
-
-double unbiased_variance(const float* x, int64_t K) {
-  double mean = 0.0;
-  for (int64_t j = 0; j < K; ++j) mean += x[j];
-  mean /= static_cast<double>(K);
-  double ss = 0.0;
-  for (int64_t j = 0; j < K; ++j) {
-    const double d = x[j] - mean;
-    ss += d * d;
-  }
-  return ss / static_cast<double>(K - 1);
-}
-
 }  // namespace
 
 void row_shifts(const float* x, int64_t T, int64_t K, Shift mode, float* eta, const ParallelFor& pf) {
   pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-    std::vector<float> scratch;
+    std::vector<uint32_t> scratch;
     for (std::ptrdiff_t t = t0; t < t1; ++t) eta[t] = row_shift(x + t * K, K, mode, scratch);
   });
 }
@@ -642,15 +615,11 @@ template <int M>
 MaskRowsFn pick_mask_rows() {
   static const MaskRowsFn fn = [] {
 #ifdef NM_X86
-    __builtin_cpu_init();
-    // NM_ONNX_ISA=avx2|base caps the instruction set (tests run every variant on one machine).
-    const char* cap = std::getenv("NM_ONNX_ISA");
-    const std::string isa = cap ? cap : "";
-    if (isa == "base") return static_cast<MaskRowsFn>(&mask_rows_base<M>);
-    if (isa == "avx2") return static_cast<MaskRowsFn>(&mask_rows_avx2<M>);
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      return static_cast<MaskRowsFn>(&mask_rows_avx512<M>);
-    if (__builtin_cpu_supports("avx2")) return static_cast<MaskRowsFn>(&mask_rows_avx2<M>);
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return static_cast<MaskRowsFn>(&mask_rows_avx512<M>);
+      case Isa::kAvx2: return static_cast<MaskRowsFn>(&mask_rows_avx2<M>);
+      default: break;
+    }
 #endif
     return static_cast<MaskRowsFn>(&mask_rows_base<M>);
   }();
@@ -714,8 +683,9 @@ void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, 
 
   // 1. shift, selection, kept indices (ascending) and the variance-correction factor, per row.
   pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-    std::vector<float> scratch, xh;
+    std::vector<uint32_t> scratch;
     std::vector<uint8_t> keep(static_cast<size_t>(K));
+    std::vector<int32_t> ids(static_cast<size_t>(K + 16));
     RowScratch sc;
     MaskScratch msc;
     const MaskRowsFn fast = mask_rows_for(a.m);
@@ -729,15 +699,9 @@ void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, 
         fast(sr, 0, 1, K, a.n, a.channel_scale, nullptr, nullptr, keep.data(), msc);
       else
         row_keep(sr, K, a.n, a.m, a.channel_scale, nullptr, keep.data(), sc);
-      int32_t* ir = idx.data() + t * kept;
-      int64_t c = 0;
-      for (int64_t j = 0; j < K; ++j)
-        if (keep[j]) ir[c++] = static_cast<int32_t>(j);
-      if (a.variance_correction && K >= 2) {
-        xh.assign(static_cast<size_t>(K), 0.0f);
-        for (int64_t j = 0; j < K; ++j) xh[j] = keep[j] ? sr[j] : 0.0f;
-        v[t] = variance_scale(unbiased_variance(xr, K), unbiased_variance(xh.data(), K), K);
-      }
+      kept_indices(keep.data(), K, ids.data());  // exactly `kept` of them (N per group)
+      std::copy(ids.begin(), ids.begin() + kept, idx.begin() + t * kept);
+      if (a.variance_correction) v[t] = variance_factor(xr, sr, keep.data(), K);
     }
   });
 
