@@ -4,8 +4,9 @@ The op library's kernel selects per token and then calls the sparse GEMM over th
 the streaming (decode) kernel for up to 16 tokens, register tiles beyond. These tests run the real
 op in a real session on randomized shapes (odd O for vector tails, T on both sides of 16, K blocks)
 for every shift x variance_correction combination, 1 and 2 intra-op threads, and compare with
-`nm_onnx.ops.reference.nm_sparse_matmul` within 1e-5 relative (float32). The AVX2 and scalar kernels
-are covered by re-running the same cases in a subprocess with NM_ONNX_SPARSE_GEMM_ISA capped.
+`nm_onnx.ops.reference.nm_sparse_matmul` within 1e-5 relative (float32; float16 models, whose weight
+the GEMM reads as stored, within float16 rounding). The AVX2 and scalar kernels are covered by
+re-running the same cases in a subprocess with NM_ONNX_SPARSE_GEMM_ISA capped.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ pytestmark = pytest.mark.skipif(not ops.library_available(), reason="op library 
 PATTERNS = [(2, 4), (8, 16), (16, 32), (1, 4), (4, 8)]
 TOKENS = [1, 3, 16, 17, 64]
 SHIFTS = ["none", "median", "mean"]
-RTOL = 1e-5
+RTOL = {np.float32: 1e-5, np.float16: 2e-3}
+DTYPES = (np.float32, np.float16)
 
 
-def _session(n, m, shift, vc, threads):
+def _session(n, m, shift, vc, threads, dtype=np.float32):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     ops.register_library(so)
-    model = op_model("NMSparseMatMul", ["X", "B", "", "shift_bias", "bias"], ["Y"], n=n, m=m, shift=shift,
-                     variance_correction=vc)
+    model = op_model("NMSparseMatMul", ["X", "B", "", "shift_bias", "bias"], ["Y"], dtype, n=n, m=m,
+                     shift=shift, variance_correction=vc)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -47,12 +49,15 @@ def _close(y, ref):
     assert y.shape == ref.shape and y.dtype == ref.dtype
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
     finite = np.isfinite(ref)
+    rtol = RTOL[np.float16 if y.dtype == np.float16 else np.float32]
+    y, ref = y.astype(np.float32), ref.astype(np.float32)
     scale = float(np.abs(ref[finite]).max()) if finite.any() else 1.0
-    np.testing.assert_allclose(y[finite], ref[finite], rtol=RTOL, atol=RTOL * scale)
+    np.testing.assert_allclose(y[finite], ref[finite], rtol=rtol, atol=rtol * scale)
 
 
-def check_cases(seed: int, count: int, threads_list=(1, 2)) -> int:
-    """Random cases: every shift x variance_correction, each T of TOKENS; returns the number checked."""
+def check_cases(seed: int, count: int, threads_list=(1, 2), dtypes=DTYPES) -> int:
+    """Random cases: every shift x variance_correction, each T of TOKENS, float32 and float16 (the
+    float16 weight is read as stored by the GEMM); returns the number checked."""
     rng = np.random.default_rng(seed)
     checked = 0
     for case in range(count):
@@ -64,20 +69,23 @@ def check_cases(seed: int, count: int, threads_list=(1, 2)) -> int:
         b = (rng.standard_normal((k, o)) / np.sqrt(k)).astype(np.float32)
         sb = b.sum(axis=0).astype(np.float32)
         bias = rng.standard_normal(o).astype(np.float32)
-        for shift in SHIFTS:
-            for vc in (0, 1):
-                ref = nm_sparse_matmul(x, b, n, m, shift=shift, variance_correction=vc, shift_bias=sb, bias=bias)
-                for threads in threads_list:
-                    sess = _session(n, m, shift, vc, threads)
-                    (y,) = sess.run(None, {"X": x, "B": b, "shift_bias": sb, "bias": bias})
-                    _close(y, ref)
-                    checked += 1
+        for dtype in dtypes:
+            feeds = {"X": x.astype(dtype), "B": b.astype(dtype), "shift_bias": sb.astype(dtype),
+                     "bias": bias.astype(dtype)}
+            for shift in SHIFTS:
+                for vc in (0, 1):
+                    ref = nm_sparse_matmul(feeds["X"], feeds["B"], n, m, shift=shift, variance_correction=vc,
+                                           shift_bias=feeds["shift_bias"], bias=feeds["bias"])
+                    for threads in threads_list:
+                        (y,) = _session(n, m, shift, vc, threads, dtype).run(None, feeds)
+                        _close(y, ref)
+                        checked += 1
     return checked
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_shapes_all_mitigations(seed):
-    assert check_cases(seed, 25) == 25 * len(SHIFTS) * 2 * 2
+    assert check_cases(seed, 25) == 25 * len(DTYPES) * len(SHIFTS) * 2 * 2
 
 
 @pytest.mark.parametrize("t", [1, 4, 16, 40])
@@ -87,15 +95,16 @@ def test_wide_rows_and_k_blocks(t):
     k, o = 2048, 2500
     x = rng.standard_normal((t, k)).astype(np.float32)
     b = (rng.standard_normal((k, o)) / np.sqrt(k)).astype(np.float32)
-    for n, m in [(8, 16), (2, 4)]:
-        ref = nm_sparse_matmul(x, b, n, m)
+    for (n, m), dtype in [((8, 16), np.float32), ((2, 4), np.float32), ((8, 16), np.float16)]:
+        xd, bd = x.astype(dtype), b.astype(dtype)
+        ref = nm_sparse_matmul(xd, bd, n, m)
         for threads in (1, 2):
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             ops.register_library(so)
-            sess = ort.InferenceSession(op_model("NMSparseMatMul", ["X", "B"], ["Y"], n=n, m=m).SerializeToString(),
-                                        so, providers=["CPUExecutionProvider"])
-            (y,) = sess.run(None, {"X": x, "B": b})
+            model = op_model("NMSparseMatMul", ["X", "B"], ["Y"], dtype, n=n, m=m)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            (y,) = sess.run(None, {"X": xd, "B": bd})
             _close(y, ref)
 
 
@@ -147,7 +156,7 @@ def test_lower_isa_kernels(isa):
     out = subprocess.run([sys.executable, "-c", code, __file__], check=False, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == str(10 * len(SHIFTS) * 2 * 2)
+    assert out.stdout.strip().splitlines()[-1] == str(10 * len(DTYPES) * len(SHIFTS) * 2 * 2)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build custom_ops/tests' harness")

@@ -674,7 +674,7 @@ void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float
   });
 }
 
-void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, int64_t O,
+void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,
                           const SparseMatMulArgs& a, float* y, const ParallelFor& pf) {
   const int64_t kept = K / a.m * a.n;
   std::vector<float> xs(static_cast<size_t>(T * K));
@@ -706,7 +706,7 @@ void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, 
   });
 
   // 2. the sparse GEMM over the kept rows of B.
-  sparse_gemm_f32(xs.data(), idx.data(), T, K, kept, b, O, y, pf);
+  sparse_gemm(xs.data(), idx.data(), T, K, kept, b, O, y, pf);
 
   // 3. epilogue: (z + eta * shift_bias) * v + bias.
   pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {

@@ -33,8 +33,8 @@ struct SparseMatMulArgs {
   const float* bias = nullptr;           // [O] or null
 };
 
-// NMSparseMatMul on float32: X [T, K], B [K, O] -> Y [T, O].
-void nm_sparse_matmul_f32(const float* x, const float* b, int64_t T, int64_t K, int64_t O,
+// NMSparseMatMul computed in float32: X [T, K], B [K, O] (float32 or float16, read as stored) -> Y [T, O].
+void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,
                           const SparseMatMulArgs& args, float* y, const ParallelFor& pf);
 
 }  // namespace nm_onnx

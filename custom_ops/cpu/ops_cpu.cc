@@ -1,5 +1,6 @@
 // CPU registrations of TokenShift, NMMask and NMSparseMatMul (float32 and float16; float16 is
-// computed in float32). Validation happens here; the math is in kernels.cc and nm_select.h.
+// computed in float32, NMSparseMatMul's float16 weight is read as stored). Validation happens here;
+// the math is in kernels.cc and nm_select.h.
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -18,6 +19,7 @@ template <>
 struct DType<float> {
   static constexpr ONNXTensorElementDataType kOnnx = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 };
+static_assert(sizeof(Ort::Float16_t) == 2, "Ort::Float16_t must be the 16 bits of an IEEE half");
 template <>
 struct DType<Ort::Float16_t> {
   static constexpr ONNXTensorElementDataType kOnnx = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -187,10 +189,16 @@ struct NMSparseMatMulKernel {
     check_vector(label, "channel_scale", ci, K, "one factor per input feature");
     check_vector(label, "shift_bias", si, O, "column sums of B, one per output");
     check_vector(label, "bias", ai, O, "one per output");
-    std::vector<float> xb, bb, cb, sb, ab;
+    std::vector<float> xb, cb, sb, ab;
     SparseMatMulArgs a = args;
     const float* x = input_f32<T>(ctx, 0, xi, xb);
-    const float* b = input_f32<T>(ctx, 1, bi, bb);
+    // B is read as stored (float16 rows converted as the GEMM loads them): converting the whole weight
+    // here would cost more than the sparse GEMM saves.
+    Weight b;
+    if constexpr (std::is_same_v<T, float>)
+      b.f32 = ctx.GetInput(1).GetTensorData<float>();
+    else
+      b.f16 = reinterpret_cast<const uint16_t*>(ctx.GetInput(1).GetTensorData<T>());
     a.channel_scale = input_f32<T>(ctx, 2, ci, cb);
     a.shift_bias = input_f32<T>(ctx, 3, si, sb);
     a.bias = input_f32<T>(ctx, 4, ai, ab);

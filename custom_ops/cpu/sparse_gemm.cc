@@ -4,7 +4,7 @@
 // kept row of B, which is what keeps a memory-bound GEMV at full bandwidth) and each token's kept
 // rows stream through its L1-resident piece of Y, four rows at a time. Prefill (more tokens):
 // register tiles of Y over column blocks of 256 and token blocks of 256. Each block runs the best
-// kernel this CPU supports (AVX-512, AVX2+FMA, scalar), chosen once at run time;
+// kernel this CPU supports (AVX-512 F/BW/VL, AVX2+FMA+F16C, scalar), chosen once at run time;
 // NM_ONNX_SPARSE_GEMM_ISA=scalar|avx2|avx512 caps the choice (tests use it to cover every path on
 // one machine); a request the CPU cannot run falls back to what it can.
 #include "sparse_gemm.h"
@@ -18,7 +18,12 @@
 namespace nm_onnx {
 namespace detail {
 
-void sparse_gemm_block_scalar(const GemmBlock& g) {
+namespace {
+inline float load_b(const float* b, int64_t o) { return b[o]; }
+inline float load_b(const uint16_t* b, int64_t o) { return half_to_float(b[o]); }
+
+template <typename BT>
+void block_scalar(const GemmBlock& g, const BT* B) {
   for (int64_t t = g.t0; t < g.t1; ++t) {
     float* y = g.Y + t * g.O;
     for (int64_t o = g.o0; o < g.o1; ++o) y[o] = 0.0f;
@@ -26,10 +31,18 @@ void sparse_gemm_block_scalar(const GemmBlock& g) {
     const int32_t* id = g.idx + t * g.kept;
     for (int64_t j = 0; j < g.kept; ++j) {
       const float a = x[id[j]];
-      const float* b = g.B + static_cast<int64_t>(id[j]) * g.O;
-      for (int64_t o = g.o0; o < g.o1; ++o) y[o] += a * b[o];
+      const BT* b = B + static_cast<int64_t>(id[j]) * g.O;
+      for (int64_t o = g.o0; o < g.o1; ++o) y[o] += a * load_b(b, o);
     }
   }
+}
+}  // namespace
+
+void sparse_gemm_block_scalar(const GemmBlock& g) {
+  if (g.Bh)
+    block_scalar(g, g.Bh);
+  else
+    block_scalar(g, g.B);
 }
 
 void sparse_gemm_stream_scalar(const GemmBlock& g, int64_t /*jb*/) { sparse_gemm_block_scalar(g); }
@@ -43,8 +56,10 @@ struct Kernels {
 
 Kernels pick_kernels() {
   __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
   const char* want = std::getenv("NM_ONNX_SPARSE_GEMM_ISA");
   const bool any = want == nullptr || *want == '\0';
   const bool cap512 = any || std::strcmp(want, "avx512") == 0;
@@ -63,8 +78,8 @@ int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 }  // namespace
 }  // namespace detail
 
-void sparse_gemm_f32(const float* X, const int32_t* idx, int64_t T, int64_t K, int64_t kept,
-                     const float* B, int64_t O, float* Y, const ParallelFor& parallel_for) {
+void sparse_gemm(const float* X, const int32_t* idx, int64_t T, int64_t K, int64_t kept, Weight B,
+                 int64_t O, float* Y, const ParallelFor& parallel_for) {
   using namespace detail;
   if (T <= 0 || O <= 0) return;
   static const Kernels kernels = pick_kernels();
@@ -79,7 +94,7 @@ void sparse_gemm_f32(const float* X, const int32_t* idx, int64_t T, int64_t K, i
                               : std::max<int64_t>(4, rows * kept / std::max<int64_t>(K, 1) / 4 * 4);
     parallel_for(static_cast<std::ptrdiff_t>(n_col), [&](std::ptrdiff_t begin, std::ptrdiff_t end) {
       for (std::ptrdiff_t c = begin; c < end; ++c) {
-        const GemmBlock g{X, idx, B, Y, K, kept, O, 0, T, c * chunk, std::min(O, (c + 1) * chunk)};
+        const GemmBlock g{X, idx, B.f32, B.f16, Y, K, kept, O, 0, T, c * chunk, std::min(O, (c + 1) * chunk)};
         kernels.stream(g, jb);
       }
     });
@@ -91,7 +106,7 @@ void sparse_gemm_f32(const float* X, const int32_t* idx, int64_t T, int64_t K, i
   parallel_for(static_cast<std::ptrdiff_t>(n_col * n_row), [&](std::ptrdiff_t begin, std::ptrdiff_t end) {
     for (std::ptrdiff_t task = begin; task < end; ++task) {
       const int64_t c = task % n_col, r = task / n_col;
-      const GemmBlock g{X, idx, B, Y, K, kept, O, r * kRows, std::min(T, (r + 1) * kRows),
+      const GemmBlock g{X, idx, B.f32, B.f16, Y, K, kept, O, r * kRows, std::min(T, (r + 1) * kRows),
                         c * kCols, std::min(O, (c + 1) * kCols)};
       kernels.block(g);
     }

@@ -11,10 +11,12 @@ namespace nm_onnx {
 namespace detail {
 
 // One block of work: Y[t, o] for t in [t0, t1), o in [o0, o1), reading all kept rows of each token.
+// B is float32 (B) or float16 bits (Bh); the other pointer is null.
 struct GemmBlock {
   const float* X;
   const int32_t* idx;
   const float* B;
+  const uint16_t* Bh;
   float* Y;
   int64_t K, kept, O;
   int64_t t0, t1, o0, o1;
@@ -30,6 +32,29 @@ void sparse_gemm_block_avx512(const GemmBlock& blk);
 void sparse_gemm_stream_scalar(const GemmBlock& blk, int64_t jb);
 void sparse_gemm_stream_avx2(const GemmBlock& blk, int64_t jb);
 void sparse_gemm_stream_avx512(const GemmBlock& blk, int64_t jb);
+
+// float16 bits -> float32 (exact; subnormals, infinities and NaN payloads kept).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 }  // namespace detail
 }  // namespace nm_onnx
