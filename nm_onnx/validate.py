@@ -437,9 +437,15 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
     from nm_onnx.data import eval_windows, load_eval_text, tokenize
     from nm_onnx.recipe import SparsityRecipe
 
+    from nm_onnx.graph.load import model_file
+
     bad = set(checks) - set(CHECKS)
     if bad or not checks:
         raise NmOnnxError(f"--checks takes letters from 'abcd', got {checks!r}")
+    if "a" in checks or "b" in checks:  # fail before loading torch or running anything
+        model_file(dense)
+    if "b" in checks or "c" in checks:
+        model_file(sparse)
     rec = SparsityRecipe.load(recipe)
     artifact = None
     if calibration:
@@ -479,13 +485,8 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
                             str(calibration) if calibration else None, text.source, results)
 
 
-def main(argv=None) -> int:
-    import argparse
-    import json
-
-    from nm_onnx.io import atomic_file
-
-    p = argparse.ArgumentParser(prog="tools/validate.py", description=__doc__.split("\n")[0])
+def add_arguments(p) -> None:
+    """The validate arguments (shared by tools/validate.py and `nm-onnx validate`)."""
     p.add_argument("dense", help="dense ONNX model (file or export directory)")
     p.add_argument("sparse", help="transformed (sparse) ONNX model")
     p.add_argument("--model", required=True, help="PyTorch source of the same model (alias, HF dir, .gguf)")
@@ -497,7 +498,22 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="wikitext2")
     p.add_argument("--max-sites", type=int, default=None, help="check only the first N sites in (b)")
     p.add_argument("--json", default=None, help="write the JSON report here (default: print it)")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tools/validate.py", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> int:
+    """Runs the checks of parsed arguments, prints them; exit status 0 (all pass), 1 (a FAIL), 2 (usage)."""
+    import json
+
+    from nm_onnx.io import atomic_file
+
     try:
         rep = validate(args.dense, args.sparse, args.model, args.recipe, args.calibration, args.checks,
                        args.seqlen, args.limit, args.data, args.max_sites)

@@ -146,6 +146,20 @@ def test_validate_usage_errors(tiny_sparse, capsys):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+def test_nm_onnx_validate_subcommand(tiny_sparse, capsys):
+    """`nm-onnx validate` is the same command (DESIGN.md: one subcommand per pipeline step)."""
+    from nm_onnx.cli import main
+
+    capsys.readouterr()
+    rc = main(["validate", "/no/such/dense", str(tiny_sparse), "--model", str(tiny_hf("llama")),
+               "--recipe", RECIPE])
+    assert rc == 2 and "'/no/such/dense' does not exist" in capsys.readouterr().err
+    rc = main(["validate", str(tiny_export("llama")), str(tiny_sparse), "--model", str(tiny_hf("llama")),
+               "--recipe", RECIPE, "--checks", "d"])
+    out = capsys.readouterr()
+    assert rc == 0 and "PASS (d)" in out.out
+
+
 @pytest.mark.slow
 def test_validate_passes_on_smollm2(tmp_path):
     """Definition of done: SmolLM2, 8:16 with median shift and variance correction, all four checks."""
