@@ -145,36 +145,33 @@ def run(shape, threads_list, repeats, fn_repeats) -> str:
 NOTES = """\
 Ratio = memcpy time / NMMask time: median over alternating (memcpy, NMMask) pairs of the per-pair ratio
 (target: >= 0.8 at 2:4, >= 0.7 at 8:16, >= 0.5 at 16:32; the issue's targets are read on the 1-thread
-rows). Load bursts slow the memory-bound memcpy more than the compute-bound kernel, which inflates the
-per-pair ratio; the fastest-runs ratio is the quiet-machine estimate. The `target` column is judged on
-the lower of the two ratios (conservative). Where a target is missed, the
-`target` column says by how much (lower ratio / target).
+rows, against a single-threaded memcpy). The fastest-runs ratio is fastest memcpy / fastest kernel. The
+`target` column is judged on the lower of the two ratios (conservative); where a target is missed it
+says by how much (lower ratio / target).
 
-What the kernel does (docs/ops.md, "Performance notes"): on AVX-512 a threshold select per block of 16
-groups: the block's keys (|x| bits) are shuffled so that each lane holds one group (log2(min(M, 16))
-shuffle stages), a Batcher sorting network over the M vectors, pruned to the two outputs it needs, gives
-each group's N-th and (N+1)-th largest key; entries with key >= the N-th are kept, and only a group where
-the two are equal (a tie at the threshold) is ranked pairwise. Masks stay bit-identical to the numpy
-reference (tie rule, NaN rule, -0 = +0; checked by the assert in this script and by the op tests). The
-previous kernel ranked every entry against the M - 1 others (O(M) vector operations per 16 entries) and
-measured 0.33 / 0.17 / 0.09 / 0.055 at 2:4 / 4:8 / 8:16 / 16:32 (1 thread, same machine, 0.72 / 1.37 /
-2.53 / 4.31 ms); the threshold select takes about 0.30 / 0.35 / 0.42 / 0.50 ms on a quiet moment, i.e.
-about 2.4x / 4x / 6x / 8.5x faster.
+What the kernels do (docs/ops.md, "Performance notes"): 2:4 runs an in-lane ranking (each 128-bit lane
+holds one group; partners by in-lane shuffles, "beaten" = the sign bit of a key difference with the tie
+bit, one vpternlog; ~3 cycles per 16 entries when the data sits in L2). M >= 8 runs the threshold select:
+the keys of a block of 16 groups are transposed so that each lane holds one group, a Batcher network
+pruned to the two outputs it needs gives each group's N-th and (N+1)-th largest key, entries >= the N-th
+are kept and a tie at the threshold is ranked pairwise. Both prefetch the rows 4 KiB ahead. Masks are
+bit-identical to the numpy reference (tie rule, NaN rule, -0 = +0; asserted by this script and the op
+tests).
 
-Why targets are still missed or marginal: the memcpy reads and writes 8 MiB that stay in the 32 MiB L3
-(~30-35 GB/s), while NMMask is still compute-bound: per 16 entries it does ~2-4 shuffles (transpose),
-~2 (2:4) / ~6 (8:16) / ~9 (16:32) min/max operations (network), and the key, compare and masked copy on
-top (AVX-512 on this Zen 4 CPU runs at half width per cycle). Measured directly (C++ harness, no ORT):
-without the network 8:16 takes ~0.36 ms, without network and shuffles ~0.28 ms (memcpy speed), with both
-~0.41-0.43 ms: reaching 0.7 at 8:16 would need the network and the transposes about twice as cheap. The
-machine has 2 cores shared with three other engineers' jobs (load average 1-6 during this work): repeated
-1-thread runs of this script a few minutes apart gave fastest-runs ratios of 0.72-0.80 (2:4),
-0.49-0.68 (8:16) and 0.46-0.57 (16:32); so 2:4 sits just under its target (~0.95 of it), 16:32 at its
-edge, and 8:16 is missed by ~10-30%. Rerun on a quiet machine before drawing finer conclusions. The
-2-thread rows do not scale for the same reason (ORT's second worker waits for a busy core), and their
-memcpy reference is timed single-threaded (their fastest-runs ratio can exceed 1). AVX2 / baseline CPUs and M = 64 still use the pairwise
-ranking (slower; not benchmarked here). The decomposition column is the same node run as its
-standard-ONNX function body (no library): the portable fallback.
+What bounds it (Zen 5, full-width AVX-512; quiet machine): the memcpy streams the 8 MiB in and out of
+L3 at ~50-58 GB/s single-threaded, ~4.3 cycles per 16 entries. 2:4 computes in ~3 cycles per 16 entries
+and lands at 0.78-0.82 of memcpy over repeated runs (its target, within run-to-run noise). The threshold
+select is compute-bound: per 16 entries ~4 shuffles (transpose), 6.6 (8:16) / 9.8 (16:32) min/max (the
+pruned networks have 53 / 157 comparators per 16 / 32 vectors), the key, compare and masked copy: ~5.9
+cycles per 16 entries for 8:16 in L2, ~7.5 for 16:32, so 8:16 reaches ~0.55 and 16:32 ~0.45 of memcpy
+(repeated runs: 0.53-0.57 and 0.43-0.47): missed by ~20% and ~10%. Reaching 0.7 at 8:16 needs the
+network and transposes about half as costly (e.g. 16-bit keys, 32 groups per block, with an exact
+fallback for ties in the truncated keys), not attempted yet. With two threads (what ORT uses by default
+here) every pattern runs at 0.8-1.4x a single-threaded memcpy. Earlier rows of this table (2026-11-23)
+were measured at load average 4-5, which slowed the memcpy 2-3x and made the ratios look better than
+they are. AVX2 / baseline CPUs and M = 64 use the pairwise ranking (slower; not benchmarked here). The
+decomposition column is the same node run as its standard-ONNX function body (no library): the
+portable fallback.
 """
 
 
