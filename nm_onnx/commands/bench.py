@@ -29,7 +29,7 @@ def add_arguments(p):
 def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, threads=None, top=10,
           progress=None) -> dict:
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.evaluation.latency import cpu_info, measure, op_profile
+    from nm_onnx.evaluation.latency import cpu_info, measure, op_profile, paired_speedup
     from nm_onnx.runtime import make_session
 
     if repeats < 1:
@@ -43,10 +43,7 @@ def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, thre
            "decode": decode, "repeats": repeats, "threads": threads,
            "results": {name: {"path": str(paths[name]), **r} for name, r in res.items()}}
     if baseline is not None:
-        m, b = res["model"], res["baseline"]
-        out["prefill_speedup"] = m["prefill_tok_s"] / b["prefill_tok_s"]
-        if "decode_tok_s" in m:
-            out["decode_speedup"] = m["decode_tok_s"] / b["decode_tok_s"]
+        out.update(paired_speedup(res["model"], res["baseline"]))
     if top > 0:
         for name, p in paths.items():
             if progress:
@@ -66,7 +63,7 @@ def bench_markdown(res: dict) -> str:
               f"tokens, decode {res['decode']} steps; medians of {res['repeats']} interleaved repeats"), "",
              markdown_table(["model", "path", "prefill tok/s", "decode tok/s"], rows)]
     if "prefill_speedup" in res:
-        lines += ["", f"speedup vs baseline: prefill {res['prefill_speedup']:.2f}x"
+        lines += ["", f"speedup vs baseline (median of paired repeats): prefill {res['prefill_speedup']:.2f}x"
                   + (f", decode {res['decode_speedup']:.2f}x" if "decode_speedup" in res else "")]
     for name, r in res["results"].items():
         if r.get("profile"):

@@ -91,6 +91,18 @@ def measure(sessions: dict, prompt: int, decode: int, repeats: int = 3, warmup: 
     return out
 
 
+def paired_speedup(model: dict, baseline: dict) -> dict:
+    """Speedups of `model` over `baseline` from one `measure` run: for prefill and decode, the median over
+    repeats of baseline time / model time, each pair measured back to back (robust to slow drifts of the
+    machine, e.g. memory bandwidth taken by neighbours, that a ratio of two medians is not)."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        a, b = model.get(f"{phase}_s") or [], baseline.get(f"{phase}_s") or []
+        if a and len(a) == len(b):
+            out[f"{phase}_speedup"] = statistics.median(tb / ta for ta, tb in zip(a, b))
+    return out
+
+
 def op_profile(path, prompt: int, decode: int, threads=None, top: int = 10) -> list[dict]:
     """Top ops by total time from ORT's profiling JSON of one prefill (+ decode steps)."""
     from nm_onnx.runtime import make_session
