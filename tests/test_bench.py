@@ -110,6 +110,6 @@ def test_paired_speedup_is_the_median_of_back_to_back_ratios():
 
     model = {"prefill_s": [1.0, 2.0, 1.0], "decode_s": [1.0, 1.0, 4.0]}
     base = {"prefill_s": [2.0, 2.0, 3.0], "decode_s": [3.0, 1.5, 4.0]}
-    # prefill ratios 2, 1, 3 -> 2; decode ratios 3, 1.5, 1 -> 1.5 (a ratio of medians would give 1.5 and 3)
+    # prefill ratios 2, 1, 3 -> 2; decode ratios 3, 1.5, 1 -> 1.5 (the ratio of medians: 2 and 3)
     assert paired_speedup(model, base) == {"prefill_speedup": 2.0, "decode_speedup": 1.5}
     assert paired_speedup({"prefill_s": [1.0]}, {"prefill_s": [2.0]}) == {"prefill_speedup": 2.0}
