@@ -26,4 +26,14 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// The variant of a kernel for cpu_isa(): by_isa(f_avx512, f_avx2, f_base).
+template <typename F>
+F by_isa(F avx512, F avx2, F base) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx2: return avx2;
+    default: return base;
+  }
+}
+
 }  // namespace nm_onnx

@@ -671,16 +671,11 @@ NM_MASK_VARIANT(mask_rows_base, )
 
 template <int M>
 MaskRowsFn pick_mask_rows() {
-  static const MaskRowsFn fn = [] {
 #ifdef NM_X86
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return static_cast<MaskRowsFn>(&mask_rows_avx512<M>);
-      case Isa::kAvx2: return static_cast<MaskRowsFn>(&mask_rows_avx2<M>);
-      default: break;
-    }
+  static const MaskRowsFn fn = by_isa<MaskRowsFn>(&mask_rows_avx512<M>, &mask_rows_avx2<M>, &mask_rows_base<M>);
+#else
+  static const MaskRowsFn fn = &mask_rows_base<M>;
 #endif
-    return static_cast<MaskRowsFn>(&mask_rows_base<M>);
-  }();
   return fn;
 }
 

@@ -117,17 +117,15 @@ NM_AVX512 int64_t compact_avx512(uint32_t* keys, int64_t n, uint32_t lo, uint64_
 }
 #endif
 
-const MedianOps& median_ops() {
-  static const MedianOps ops = [] {
+// The variant of name##_avx512 / _avx2 / _base this CPU runs (only _base off x86).
 #ifdef NM_STATS_X86
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return MedianOps{keys_avx512, count_avx512, compact_avx512};
-      case Isa::kAvx2: return MedianOps{keys_avx2, count_avx2, compact_avx2};
-      default: break;
-    }
+#define NM_BY_ISA(name) by_isa(name##_avx512, name##_avx2, name##_base)
+#else
+#define NM_BY_ISA(name) name##_base
 #endif
-    return MedianOps{keys_base, count_base, compact_base};
-  }();
+
+const MedianOps& median_ops() {
+  static const MedianOps ops{NM_BY_ISA(keys), NM_BY_ISA(count), NM_BY_ISA(compact)};
   return ops;
 }
 
@@ -288,30 +286,12 @@ float row_shift(const float* x, int64_t K, Shift mode, std::vector<uint32_t>& sc
 
 float variance_factor(const float* x, const float* xs, const uint8_t* keep, int64_t K) {
   if (K < 2) return 1.0f;
-  static const VarianceFn fn = [] {
-#ifdef NM_STATS_X86
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return static_cast<VarianceFn>(variance_avx512);
-      case Isa::kAvx2: return static_cast<VarianceFn>(variance_avx2);
-      default: break;
-    }
-#endif
-    return static_cast<VarianceFn>(variance_base);
-  }();
+  static const VarianceFn fn = NM_BY_ISA(variance);
   return fn(x, xs, keep, K);
 }
 
 int64_t kept_indices(const uint8_t* keep, int64_t K, int32_t* out) {
-  static const KeptFn fn = [] {
-#ifdef NM_STATS_X86
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return static_cast<KeptFn>(kept_avx512);
-      case Isa::kAvx2: return static_cast<KeptFn>(kept_avx2);
-      default: break;
-    }
-#endif
-    return static_cast<KeptFn>(kept_base);
-  }();
+  static const KeptFn fn = NM_BY_ISA(kept);
   return fn(keep, K, out);
 }
 
