@@ -177,7 +177,7 @@ float variance_base(const float* x, const float* xs, const uint8_t* keep, int64_
 #ifdef NM_STATS_X86
 NM_AVX2 float variance_avx2(const float* x, const float* xs, const uint8_t* keep, int64_t K) { NM_VARIANCE_BODY }
 // The same sums as NM_VARIANCE_BODY (lane l of the 8-double accumulators takes elements j = l mod 8
-// in order; the zero padding of a tail adds +0), so every variant gives the same bits.
+// in order; the zero padding of a tail adds +0): one summation order on every variant.
 NM_AVX512 float variance_avx512(const float* x, const float* xs, const uint8_t* keep, int64_t K) {
   __m512d sx = _mm512_setzero_pd(), sh = _mm512_setzero_pd();
   for (int64_t j = 0; j < K; j += 8) {
