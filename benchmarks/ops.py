@@ -151,7 +151,7 @@ says by how much (lower ratio / target).
 
 What the kernels do (docs/ops.md, "Performance notes"): 2:4 runs an in-lane ranking (each 128-bit lane
 holds one group; partners by in-lane shuffles, "beaten" = the sign bit of a key difference with the tie
-bit, one vpternlog; ~3 cycles per 16 entries when the data sits in L2). M >= 8 runs the threshold select:
+bit, one vpternlog; ~4 cycles per 16 entries when the data sits in L2). M >= 8 runs the threshold select:
 the keys of a block of 16 groups are transposed so that each lane holds one group, a Batcher network
 pruned to the two outputs it needs gives each group's N-th and (N+1)-th largest key, entries >= the N-th
 are kept and a tie at the threshold is ranked pairwise. Both prefetch the rows 4 KiB ahead. Masks are
@@ -159,11 +159,12 @@ bit-identical to the numpy reference (tie rule, NaN rule, -0 = +0; asserted by t
 tests).
 
 What bounds it (Zen 5, full-width AVX-512; quiet machine): the memcpy streams the 8 MiB in and out of
-L3 at ~50-58 GB/s single-threaded, ~4.3 cycles per 16 entries. 2:4 computes in ~3 cycles per 16 entries
+L3 at ~50-58 GB/s single-threaded, ~4.3 cycles per 16 entries. 2:4 computes in ~4 cycles per 16 entries
 and lands at 0.78-0.82 of memcpy over repeated runs (its target, within run-to-run noise). The threshold
 select is compute-bound: per 16 entries ~4 shuffles (transpose), 6.6 (8:16) / 9.8 (16:32) min/max (the
-pruned networks have 53 / 157 comparators per 16 / 32 vectors), the key, compare and masked copy: ~5.9
-cycles per 16 entries for 8:16 in L2, ~7.5 for 16:32, so 8:16 reaches ~0.55 and 16:32 ~0.45 of memcpy
+pruned networks have 53 / 157 comparators per 16 / 32 vectors), the key, compare and masked copy: ~7
+cycles per 16 entries for 8:16 in L2, ~9 for 16:32 (`custom_ops/tests/micro_bench.sh`, which also
+times memcpy in L2 at ~2.4), so 8:16 reaches ~0.55 and 16:32 ~0.45 of memcpy
 (repeated runs: 0.53-0.57 and 0.43-0.47): missed by ~20% and ~10%. Reaching 0.7 at 8:16 needs the
 network and transposes about half as costly (e.g. 16-bit keys, 32 groups per block, with an exact
 fallback for ties in the truncated keys), not attempted yet. With two threads (what ORT uses by default

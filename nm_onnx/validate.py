@@ -435,9 +435,8 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
              model=None, tokenizer=None) -> ValidationReport:
     """Run the chosen checks; `model`/`tokenizer` may be passed to reuse an already-loaded PyTorch model."""
     from nm_onnx.data import eval_windows, load_eval_text, tokenize
-    from nm_onnx.recipe import SparsityRecipe
-
     from nm_onnx.graph.load import model_file
+    from nm_onnx.recipe import SparsityRecipe
 
     bad = set(checks) - set(CHECKS)
     if bad or not checks:

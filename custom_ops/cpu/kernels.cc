@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -582,7 +581,8 @@ NM_INLINE_AVX512 void threshold_rows(const Keys& keys, const float* x, std::ptrd
 // (p < j <=> j + d >= 4, w_d = 1 there) <=> (k_j - w_d) - k_p < 0: the sign bit of that difference.
 // d = 3 needs no compare: p = j - 1 beats j exactly when j does not beat p, i.e. the complement of the
 // d = 1 sign at lane p. The entry is pruned when at least n partners beat it: one vpternlog on the three
-// signs. Equal to the rank rule bit for bit (tie rule, NaN rule, -0 = +0), about 3 cycles per 16 entries.
+// signs. Equal to the rank rule bit for bit (tie rule, NaN rule, -0 = +0); about 4 cycles per 16 entries
+// in L2 (custom_ops/tests/micro_bench.sh).
 // Rows are prefetched a few KiB ahead (and the output for writing): the kernel is bound by memory.
 template <int N, class Keys>
 NM_INLINE_AVX512 void inlane4_rows(const Keys& keys, const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K,

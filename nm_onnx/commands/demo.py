@@ -346,8 +346,8 @@ def demo_markdown(rows: list[dict], meta: dict) -> str:
               "input perturbation moves one window's perplexity by ~3%), so masked rows differ by a few % "
               "per window; `tools/validate.py` checks every site exactly. "
               "Speedups: sparse vs dense ONNX model, median over the repeats of the time ratio of each "
-              "back-to-back (dense, sparse) pair (> 1 is faster; decode on this small model carries ~3000 "
-              "graph nodes per token that sparsity does not touch). Weight pruning: the "
+              "back-to-back (dense, sparse) pair (> 1 is faster; decode on this small model runs ~3150 ONNX "
+              "nodes per token, most of which sparsity does not touch). Weight pruning: the "
               "reference's 8:16 magnitude weight pruning, PyTorch on all windows.")]
     if notes:
         lines += ["", "Notes:", *notes]
