@@ -6,6 +6,13 @@ raw *train* split where the Hugging Face hub/cache provides it, else the offline
 `$NM_ONNX_DATA`, the shared data folder beside the project (`../shared/data`), then `datasets`.
 `--data FILE.txt` takes any local text file. Every loader returns (text, where-it-came-from) so that
 reports can say which data they used.
+
+Windows and the beginning-of-sequence token (docs/evaluation.md): a text is tokenized once without
+special tokens and cut into windows; a model whose tokenizer adds a BOS token (`add_bos_token`, e.g.
+the Gemma and Llama families) gets it at the start of every window, as lm-eval's hf model does:
+the window is then [BOS] + seqlen - 1 text tokens (the same length), and every text token of it is
+scored. `bos_id(tokenizer, "auto" | "always" | "never")` decides, in one place for every path
+(evaluate, evaluate-torch, calibrate, validate, demo).
 """
 
 from __future__ import annotations
@@ -62,22 +69,30 @@ def _wikitext_join(raw: str) -> str:
     return "\n\n".join(raw.splitlines(keepends=True))
 
 
-def _local_file(data: str) -> Text:
+BOS_CHOICES = ("auto", "always", "never")
+
+
+def _local_file(data: str, option: str = "--data") -> Text:
     p = Path(data)
     if not p.exists():
         raise NmOnnxError(
-            f"data '{data}' is neither 'wikitext2' nor an existing text file; "
-            "pass --data wikitext2 or --data PATH/TO/FILE.txt"
+            f"{option} '{data}' is neither 'wikitext2' nor an existing text file; "
+            f"pass {option} wikitext2 or {option} PATH/TO/FILE.txt"
         )
     if p.is_dir():
-        raise NmOnnxError(f"data '{data}' is a directory; pass a text file")
-    text = p.read_text(encoding="utf-8", errors="replace")
+        raise NmOnnxError(f"{option} '{data}' is a directory; pass a text file")
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        from nm_onnx.io import os_error
+
+        raise os_error(e, p) from None
     if not text.strip():
-        raise NmOnnxError(f"data file '{data}' is empty")
+        raise NmOnnxError(f"{option} file '{data}' is empty")
     return Text(text, f"file {p}")
 
 
-def load_eval_text(data: str = "wikitext2") -> Text:
+def load_eval_text(data: str = "wikitext2", option: str = "--data") -> Text:
     """Evaluation text: WikiText-2 raw test split, or a local file."""
     if data.lower() in WIKITEXT2:
         p = find_data_file("wikitext-2-raw-v1/wiki.test.raw")
@@ -90,10 +105,10 @@ def load_eval_text(data: str = "wikitext2") -> Text:
             "WikiText-2 raw test not found: set NM_ONNX_DATA to a folder holding "
             "wikitext-2-raw-v1/wiki.test.raw, or install `datasets` with hub access"
         )
-    return _local_file(data)
+    return _local_file(data, option)
 
 
-def load_calibration_text(data: str = "wikitext2") -> Text:
+def load_calibration_text(data: str = "wikitext2", option: str = "--data") -> Text:
     """Calibration text: WikiText-2 raw train (hub) else tokenized validation (offline), or a file."""
     if data.lower() in WIKITEXT2:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") or os.environ.get(
@@ -107,38 +122,75 @@ def load_calibration_text(data: str = "wikitext2") -> Text:
             return Text(p.read_text(encoding="utf-8"), f"WikiText-2 tokenized validation ({p})")
         raise NmOnnxError(
             "no WikiText-2 calibration split found: set NM_ONNX_DATA to a folder holding "
-            "wikitext-2/valid.txt, or give --data FILE.txt"
+            f"wikitext-2/valid.txt, or give {option} FILE.txt"
         )
-    return _local_file(data)
+    return _local_file(data, option)
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
-    """Token ids of a whole text as int64 (no special tokens added)."""
+    """Token ids of a whole text as int64 (no special tokens added: windows add the BOS, see bos_id)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
 
-def eval_windows(ids: np.ndarray, seqlen: int, limit: int | None = None) -> np.ndarray:
-    """Non-overlapping windows [n, seqlen] (the paper's protocol); the ragged tail is dropped."""
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer itself puts its BOS token in front of an encoded text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    probe = "Hello world"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos and with_special[1:1 + len(without)] == without
+
+
+def bos_id(tokenizer, mode: str = "auto") -> int | None:
+    """The token id that starts every window, or None: `auto` follows the tokenizer (adds_bos)."""
+    if mode not in BOS_CHOICES:
+        raise NmOnnxError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {mode!r}")
+    if mode == "never":
+        return None
+    if mode == "always":
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise NmOnnxError("--bos always: the tokenizer has no BOS token; use --bos auto or never")
+        return int(bos)
+    return int(tokenizer.bos_token_id) if adds_bos(tokenizer) else None
+
+
+def _with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    if bos is None:
+        return windows
+    return np.concatenate([np.full((windows.shape[0], 1), bos, dtype=np.int64), windows], axis=1)
+
+
+def eval_windows(ids: np.ndarray, seqlen: int, limit: int | None = None, bos: int | None = None) -> np.ndarray:
+    """Non-overlapping windows [n, seqlen] (the paper's protocol); the ragged tail is dropped.
+
+    With `bos`, each window is [bos] + seqlen - 1 consecutive text tokens (so the model still sees
+    `seqlen` tokens and every text token is predicted once).
+    """
     if seqlen < 2:
         raise NmOnnxError(f"--seqlen must be at least 2, got {seqlen}")
-    n = len(ids) // seqlen
+    span = seqlen - (bos is not None)
+    n = len(ids) // span
     if n == 0:
         raise NmOnnxError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
     if limit is not None:
         if limit < 1:
             raise NmOnnxError(f"--limit must be positive, got {limit}")
         n = min(n, limit)
-    return ids[: n * seqlen].reshape(n, seqlen)
+    return _with_bos(ids[: n * span].reshape(n, span), bos)
 
 
-def calibration_windows(ids: np.ndarray, samples: int, seqlen: int, seed: int = 0) -> np.ndarray:
-    """`samples` random windows [samples, seqlen] drawn with a fixed seed."""
-    if len(ids) <= seqlen:
+def calibration_windows(ids: np.ndarray, samples: int, seqlen: int, seed: int = 0, bos: int | None = None) -> np.ndarray:
+    """`samples` random windows [samples, seqlen] drawn with a fixed seed ([bos] + seqlen - 1 tokens with `bos`)."""
+    span = seqlen - (bos is not None)
+    if len(ids) <= span:
         raise NmOnnxError(
             f"calibration text has {len(ids)} tokens, too short for windows of {seqlen}; "
             "give more text or a smaller --seqlen"
         )
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(ids) - seqlen, size=samples)
-    return np.stack([ids[s : s + seqlen] for s in starts])
+    starts = rng.integers(0, len(ids) - span, size=samples)
+    return _with_bos(np.stack([ids[s : s + span] for s in starts]), bos)

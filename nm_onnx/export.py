@@ -40,17 +40,24 @@ def export(
     out_dir: str | os.PathLike,
     with_past: bool = True,
     opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
 ) -> Path:
-    """Export MODEL (alias, HF dir or .gguf) to OUT_DIR; returns the path of model.onnx."""
+    """Export MODEL (alias, HF dir or .gguf) to OUT_DIR; returns the path of model.onnx.
+
+    OUT_DIR may not be, contain or lie inside the source; an existing OUT_DIR is replaced only when it
+    is an earlier nm-onnx export (or with `overwrite`), checked before the slow work.
+    """
+    from nm_onnx.io import check_output_dir
+
+    out_dir = Path(out_dir)
+    given = [source] if Path(str(source)).exists() else []
+    check_output_dir(out_dir, "export", given, overwrite)
+    hf_dir = resolve_model(source)
     from optimum.exporters.onnx import main_export
 
-    hf_dir = resolve_model(source)
     task = "text-generation-with-past" if with_past else "text-generation"
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NmOnnxError(f"output '{out_dir}' exists and is not a directory")
     print(f"nm-onnx: exporting {source} ({task}, opset {opset}) ...", file=sys.stderr)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", overwrite, inputs=[*given, hf_dir]) as tmp:
         try:
             main_export(
                 str(hf_dir), output=str(tmp), task=task, opset=opset, device="cpu",

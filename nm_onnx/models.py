@@ -101,7 +101,7 @@ def _hf_dir_from_gguf(gguf: Path, out: Path, spec: EmbeddedModel | None) -> Path
     except Exception as e:  # transformers raises many types for unreadable / unsupported GGUF
         raise NmOnnxError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from None
     _fix_tokenizer(tok, model, gguf, spec)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "model-cache", overwrite=True) as tmp:  # a cache entry: nm-onnx's own folder
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         spm = tmp / "tokenizer.model"  # transformers copies the GGUF itself here: useless, 98 MB
@@ -154,8 +154,51 @@ def _fix_tokenizer(tok, model, gguf: Path, spec: EmbeddedModel | None) -> None:
         tok.update_post_processor()
 
 
+def check_model_source(source: str | os.PathLike) -> None:
+    """Fail fast (no torch, no conversion) on a source that is neither an alias, a HF dir nor a .gguf."""
+    s = str(source)
+    if s in EMBEDDED:
+        return
+    p = Path(s).expanduser()
+    if not p.exists():
+        known = ", ".join(sorted(EMBEDDED))
+        raise NmOnnxError(
+            f"model '{s}' is not a known alias ({known}), a local Hugging Face directory or a .gguf file"
+        )
+    if p.is_file() and p.suffix.lower() != ".gguf":
+        raise NmOnnxError(f"model file '{s}' is not a .gguf file; pass a HF directory or a .gguf")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise NmOnnxError(f"'{s}' is a directory without config.json: not a Hugging Face model directory")
+
+
+def context_length(path: str | os.PathLike) -> int | None:
+    """max_position_embeddings from the config.json of a HF or export directory (or a model file's folder)."""
+    p = Path(path)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    for c in (d, d.get("text_config") or {}):
+        v = c.get("max_position_embeddings") if isinstance(c, dict) else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_context(path, tokens: int, option: str) -> None:
+    """NmOnnxError when `tokens` exceeds the model's context (when the config states it)."""
+    limit = context_length(path)
+    if limit is not None and tokens > limit:
+        raise NmOnnxError(
+            f"{option} {tokens} exceeds the model's context of {limit} tokens (max_position_embeddings); "
+            f"use at most {limit}"
+        )
+
+
 def resolve_model(source: str | os.PathLike) -> Path:
     """Turn any accepted model source into a local Hugging Face directory."""
+    check_model_source(source)
     s = str(source)
     if s in EMBEDDED:
         spec = EMBEDDED[s]
@@ -164,21 +207,12 @@ def resolve_model(source: str | os.PathLike) -> Path:
             return out
         return _hf_dir_from_gguf(_fetch_gguf(spec), out, spec)
     p = Path(s).expanduser()
-    if not p.exists():
-        known = ", ".join(sorted(EMBEDDED))
-        raise NmOnnxError(
-            f"model '{s}' is not a known alias ({known}), a local Hugging Face directory or a .gguf file"
-        )
     if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise NmOnnxError(f"model file '{s}' is not a .gguf file; pass a HF directory or a .gguf")
         digest = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12]
         out = cache_dir() / "hf" / f"{p.stem}-{digest}"
         if (out / "config.json").is_file():
             return out
         return _hf_dir_from_gguf(p, out, None)
-    if not (p / "config.json").is_file():
-        raise NmOnnxError(f"'{s}' is a directory without config.json: not a Hugging Face model directory")
     return p
 
 
@@ -223,7 +257,7 @@ def tiny_config(arch: str):
     raise NmOnnxError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
 
 
-def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
     """Build a tiny random causal LM of `arch` and save it (with a tokenizer) as a HF directory."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -233,7 +267,7 @@ def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> P
     model = AutoModelForCausalLM.from_config(cfg)
     model.eval()
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "hf-model", overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _tiny_tokenizer(cfg.vocab_size).save_pretrained(tmp)
     return out

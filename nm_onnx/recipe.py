@@ -201,21 +201,28 @@ class SparsityRecipe:
     def match(self, module_paths) -> list[str]:
         """Module paths selected by `targets` minus `exclude`, in the given order.
 
-        A target glob that matches nothing is an error (a typo must not silently prune nothing).
+        A target or exclude glob that matches nothing is an error (a typo must not silently prune
+        nothing, or everything), and so is a selection that the excludes leave empty.
         """
         paths = list(module_paths)
+        sample = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
         selected = set()
-        for glob in self.targets:
-            hits = [p for p in paths if fnmatch.fnmatchcase(p, glob)]
-            if not hits:
-                sample = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-                raise NmOnnxError(
-                    f"recipe '{self.name}': target '{glob}' matches no module; available: {sample or '(none)'}"
-                )
-            selected.update(hits)
-        return [
-            p for p in paths if p in selected and not any(fnmatch.fnmatchcase(p, g) for g in self.exclude)
-        ]
+        for key, globs in (("target", self.targets), ("exclude", self.exclude)):
+            for glob in globs:
+                hits = [p for p in paths if fnmatch.fnmatchcase(p, glob)]
+                if not hits:
+                    raise NmOnnxError(
+                        f"recipe '{self.name}': {key} '{glob}' matches no module; available: {sample or '(none)'}"
+                    )
+                if key == "target":
+                    selected.update(hits)
+        chosen = [p for p in paths if p in selected and not any(fnmatch.fnmatchcase(p, g) for g in self.exclude)]
+        if not chosen:
+            raise NmOnnxError(
+                f"recipe '{self.name}': the excludes {self.exclude} remove every target, so nothing would be "
+                "sparsified; narrow 'exclude' (a dense model needs no transform)"
+            )
+        return chosen
 
     # ----- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,10 +1,11 @@
 """ONNX Runtime sessions for nm-onnx models.
 
-`make_session` registers the nm-onnx op library whenever it is built (ORT then runs our kernels even
-for nodes that also carry a model-local function), picks providers (CUDA when available, else CPU),
-and fails early with a clear message when a model needs our ops, the library is missing and the model
-carries no portable function bodies, or when an nm_onnx node has a wrong dtype or a bad attribute
-(checked by nm_onnx.ops.validate before ORT sees the model).
+`make_session` registers the nm-onnx op library for every model that uses nm_onnx ops (ORT then runs
+our kernels even for nodes that also carry a model-local function; dense models never load it),
+picks providers (CUDA when available, else CPU), and fails early with a clear message when a model
+needs our ops, the library is missing and the model carries no portable function bodies, or when an
+nm_onnx node has a wrong dtype or a bad attribute (checked by nm_onnx.ops.validate before ORT sees
+the model).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ DOMAIN = "nm_onnx"
 
 def model_needs_ops(path: str | os.PathLike) -> tuple[bool, bool]:
     """(uses nm_onnx ops, carries model-local functions for all of them) without loading weights."""
-    import onnx
+    from nm_onnx.graph.load import read_proto
 
-    return _needs_ops(onnx.load(str(path), load_external_data=False))
+    return _needs_ops(read_proto(path, check_external=False))
 
 
 def _needs_ops(m) -> tuple[bool, bool]:
@@ -65,14 +66,17 @@ def make_session(
     profile: bool = False,
     use_library: bool = True,
 ):
-    """An InferenceSession for `path` with the op library registered (if built and wanted)."""
-    import onnx
+    """An InferenceSession for `path`, with the op library registered when the model uses nm_onnx ops.
+
+    A dense model never touches the library (a broken $NM_ONNX_OPS_LIB cannot stop it); a corrupt
+    model file or a missing external-data file is a one-line NmOnnxError before ORT sees it.
+    """
     import onnxruntime as ort
 
-    from nm_onnx.graph.load import model_file
+    from nm_onnx.graph.load import model_file, read_proto
 
     path = model_file(path)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = read_proto(path)
     needs, portable = _needs_ops(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -89,13 +93,13 @@ def make_session(
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "nm_onnx_profile")
     registered = False
-    if use_library:
+    if use_library and needs:
         from nm_onnx import ops
 
         if ops.library_available():
             ops.register_library(so)
             registered = True
-        elif needs and not portable:
+        elif not portable:
             ops.library_path()  # raises NmOnnxError naming the build command
     elif needs and not portable:
         raise NmOnnxError(

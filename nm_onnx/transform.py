@@ -16,12 +16,12 @@ import mmap
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.io import MANIFEST
 from nm_onnx.passes.pipeline import PassReport, run_pipeline
 
 EXTERNAL_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with room for the graph
@@ -48,7 +48,7 @@ class TransformReport:
         return {
             "input": self.input, "output": self.output, "recipe": self.recipe, "fuse": self.fuse,
             "portable": self.portable, "external_data": self.external_data, "seconds": self.seconds,
-            "sites": self.passes.sites, "fused": self.passes.fused,
+            "sites": self.passes.sites, "fused": self.passes.fused, "records": self.passes.records,
         }
 
 
@@ -186,7 +186,9 @@ class _Prewrite:
 
         import onnx_ir as ir
 
-        self.dir = Path(tempfile.mkdtemp(prefix=".nm-onnx-stage-", dir=parent))
+        from nm_onnx.io import staging_dir
+
+        self.dir = staging_dir(parent, "transform-data")
         self.path = self.dir / "data"
         self.tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
                         if isinstance(v.const_value, ir.ExternalTensor)]
@@ -262,10 +264,11 @@ def save_model(model, out_file: Path, external: bool, prewrite: _Prewrite | None
     """Write model (+ `<name>_data` when external) so the model file appears last, atomically."""
     import onnx_ir as ir
 
+    from nm_onnx.io import os_error, staging_dir
+
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{out_file.name}_data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent))
+    tmp = staging_dir(out_file.parent, out_file.name)
     try:
         if external:
             data_path = _save_external(model, tmp / out_file.name, data_name, prewrite)
@@ -273,8 +276,51 @@ def save_model(model, out_file: Path, external: bool, prewrite: _Prewrite | None
         else:
             ir.save(model, tmp / out_file.name)
         os.replace(tmp / out_file.name, out_file)
+    except OSError as e:
+        raise os_error(e, out_file) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_nm_onnx_model(path) -> bool:
+    """True for an ONNX file that nm-onnx's transform wrote (its metadata says so)."""
+    from nm_onnx.graph.load import read_proto
+
+    meta = {p.key for p in read_proto(path, check_external=False).metadata_props}
+    return "nm_onnx.version" in meta
+
+
+def _data_files(src: Path) -> list[Path]:
+    """The external-data files a model file refers to."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from nm_onnx.graph.load import read_proto
+
+    proto = read_proto(src, check_external=False)
+    return sorted({src.parent / ExternalDataInfo(t).location for t in proto.graph.initializer
+                   if uses_external_data(t)})
+
+
+def check_transform_output(in_path, out_path, recipe_source=None, calibration=None, overwrite=False) -> None:
+    """Refuse a bad output before any slow work (see nm_onnx.io): the input, inside it, over user files."""
+    from nm_onnx.graph.load import model_file
+    from nm_onnx.io import check_output_dir, check_output_file
+
+    src = model_file(in_path)
+    out = Path(out_path)
+    inputs = [in_path, src, *_data_files(src)]
+    for extra in (recipe_source, calibration):
+        if isinstance(extra, (str, os.PathLike)) and Path(extra).exists():
+            inputs.append(extra)
+    if Path(in_path).is_dir():
+        if out.exists() and not out.is_dir():
+            raise NmOnnxError(f"output '{out}' exists and is not a directory (the input is an export directory)")
+        check_output_dir(out, "transform", inputs, overwrite)
+    else:
+        if out.is_dir():
+            raise NmOnnxError(f"output '{out}' is a directory; give a .onnx file name for a model-file input")
+        check_output_file(out, inputs, overwrite, ours=is_nm_onnx_model,
+                          companions=[out.with_name(f"{out.name}_data")])
 
 
 def transform(
@@ -284,33 +330,34 @@ def transform(
     calibration=None,
     fuse: bool = True,
     portable: bool = False,
+    overwrite: bool = False,
 ) -> TransformReport:
-    """Transform IN (model file or export dir) into OUT with RECIPE (preset, JSON path or object)."""
+    """Transform IN (model file or export dir) into OUT with RECIPE (preset, JSON path or object).
+
+    OUT may not be, contain or lie inside IN (or the recipe / calibration given); an existing OUT is
+    replaced only when it is an earlier nm-onnx transform output, or with `overwrite`.
+    """
     from nm_onnx.graph.load import load_model, model_file
     from nm_onnx.recipe import SparsityRecipe
 
     start = time.perf_counter()
+    recipe_source = recipe
     recipe = SparsityRecipe.load(recipe)
+    check_transform_output(in_path, out_path, recipe_source, calibration, overwrite)
     artifact = _load_calibration(calibration)
     src = model_file(in_path)
     out = Path(out_path)
     as_dir = Path(in_path).is_dir()
-    if not as_dir and out.is_dir():
-        raise NmOnnxError(f"output '{out}' is a directory; give a .onnx file name for a model-file input")
-    if as_dir and out.exists() and not out.is_dir():
-        raise NmOnnxError(f"output '{out}' exists and is not a directory (the input is an export directory)")
-    if out.resolve() in (Path(in_path).resolve(), src.resolve()):
-        raise NmOnnxError("output must differ from the input; transform writes a new model")
     model = load_model(src)
     prewrite = None
     if _has_external(model):  # copy the weights to the output while the passes run
-        out.parent.mkdir(parents=True, exist_ok=True)
         prewrite = _Prewrite(model, out.parent)
     try:
         passes = run_pipeline(model, recipe, artifact, fuse=fuse, portable=portable)
         external = _has_external(model) or _weight_bytes(model) > EXTERNAL_THRESHOLD
         report = TransformReport(str(in_path), str(out), recipe.name, fuse, portable, external, 0.0, passes)
-        _write_output(model, in_path, src, out, as_dir, external, prewrite, report, start)
+        _write_output(model, in_path, src, out, as_dir, external, prewrite, report, start, overwrite,
+                      [in_path, recipe_source, calibration])
     finally:
         if prewrite is not None:
             prewrite.close()
@@ -318,13 +365,16 @@ def transform(
     return report
 
 
-def _write_output(model, in_path, src: Path, out: Path, as_dir: bool, external: bool, prewrite, report, start):
+def _write_output(model, in_path, src: Path, out: Path, as_dir: bool, external: bool, prewrite, report, start,
+                  overwrite: bool, inputs):
     if as_dir:
         from nm_onnx.io import atomic_dir
 
-        with atomic_dir(out) as tmp:
+        given = [p for p in inputs if isinstance(p, (str, os.PathLike)) and Path(p).exists()]
+        with atomic_dir(out, "transform", overwrite, inputs=given) as tmp:
             for f in sorted(Path(in_path).iterdir()):
-                if f.is_file() and not f.name.endswith(_MODEL_SUFFIXES) and not f.name.startswith("."):
+                if (f.is_file() and not f.name.endswith(_MODEL_SUFFIXES) and not f.name.startswith(".")
+                        and f.name != MANIFEST):
                     shutil.copy2(f, tmp / f.name)
             save_model(model, tmp / src.name, external, prewrite)
             report.seconds = time.perf_counter() - start

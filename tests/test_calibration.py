@@ -81,7 +81,8 @@ def test_artifact_round_trip_and_use(tiny, windows, tmp_path):
     art = calibrate(model, "4:8-scale-shift", windows, tmp_path / "a", progress=False, data_source="test")
     loaded = load_artifact(tmp_path / "a")
     assert loaded.recipe == art.recipe and loaded.digest() == art.digest()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["constants.safetensors", "recipe.json", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "constants.safetensors", "nm_onnx_manifest.json", "recipe.json", "report.json"]
     c = loaded.constants("model.layers.1.mlp.down_proj")
     assert set(c) == {"scale_a", "scale_b"} and c["scale_a"].shape == (64,)
     assert np.abs(c["scale_b"]).sum() > 0  # fitted, not zero

@@ -11,6 +11,7 @@ import pytest
 from models_cache import tiny_export, tiny_hf
 
 from nm_onnx import ops
+from nm_onnx.io import write_manifest
 
 pytestmark = pytest.mark.skipif(not ops.library_available(), reason="op library not built (make ops)")
 
@@ -19,6 +20,8 @@ def _demo(out, *extra):
     import shutil
 
     if "--only" in extra and "8:16-median-variance" not in extra[-1] and not (out / "dense").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, "demo")  # as an earlier demo run would have left it
         shutil.copytree(tiny_export("llama"), out / "dense")  # the demo reuses an existing export
     return subprocess.run(
         [sys.executable, "-m", "nm_onnx", "demo", "--model", str(tiny_hf("llama")), "--out", str(out),

@@ -294,14 +294,13 @@ def test_fuse_explains_each_failed_check(reason):
     assert [n.op_type for n in m.graph].count("NMMask") == 1
 
 
-def test_locate_reports_dense_sites_with_reason():
+def test_locate_refuses_a_recipe_that_selects_no_site():
+    """An exclude that removes every target is an error, not a silent dense 'transform'."""
     model, *_ = linear_model()
     m = ir.serde.deserialize_model(model)
     r = SparsityRecipe(name="t", pattern="4:8", targets=["model.layers.*"], exclude=["*.down_proj"]).validate()
-    loc = LocatePass(r)
-    loc(m)
-    assert loc.plans == []
-    assert loc.report.sites[0]["action"] == "dense" and "exclude" in loc.report.sites[0]["reason"]
+    with pytest.raises(NmOnnxError, match="remove every target"):
+        LocatePass(r)(m)
 
 
 @pytest.mark.parametrize(
@@ -324,9 +323,24 @@ def test_locate_errors(kw, cal, message):
 
 def test_missing_constant_for_a_site_is_named():
     r = recipe(shift="learned")
-    cal = CalibrationArtifact(recipe=r, tensors={"model.layers.9.mlp.down_proj.learned_shift": np.zeros(K, np.float32)})
+    cal = CalibrationArtifact(recipe=r, tensors={}, report={"sites": {"model.layers.0.mlp.down_proj": [K, O]}})
     model, *_ = linear_model()
     with pytest.raises(NmOnnxError, match="no learned_shift for site 'model.layers.0.mlp.down_proj'"):
+        transformed(model, r, cal)
+
+
+@pytest.mark.parametrize("report, message", [
+    ({}, "calibrated on another model, not this model \\(it has site 'model.layers.9.mlp.down_proj'"),
+    ({"sites": {"model.layers.0.mlp.down_proj": [K, 2 * O]}, "model": "tiny-other"},
+     "calibrated on tiny-other, not this model \\('model.layers.0.mlp.down_proj' is \\[K, O\\] = \\[32, 24\\]"),
+])
+def test_artifact_from_another_model_is_named(report, message):
+    """An artifact of another model says so, instead of 'no static_shift for layers.N'."""
+    r = recipe(shift="learned")
+    cal = CalibrationArtifact(recipe=r, tensors={"model.layers.9.mlp.down_proj.learned_shift": np.zeros(K, np.float32)},
+                              report=report)
+    model, *_ = linear_model()
+    with pytest.raises(NmOnnxError, match=message):
         transformed(model, r, cal)
 
 

@@ -47,6 +47,13 @@ class CalibrationArtifact:
             seen.setdefault(split_key(key)[0], None)
         return list(seen)
 
+    def site_shapes(self) -> dict[str, tuple[int, int]] | None:
+        """{module path: (K, O)} of every site the artifact was calibrated for (None for old artifacts)."""
+        sites = self.report.get("sites") if isinstance(self.report, dict) else None
+        if not isinstance(sites, dict):
+            return None
+        return {m: (int(v[0]), int(v[1])) for m, v in sites.items()}
+
     def constants(self, module: str) -> dict[str, np.ndarray]:
         """{constant name: float32 array} for one module path (empty if it has none)."""
         prefix = module + "."
@@ -66,8 +73,8 @@ class CalibrationArtifact:
             h.update(a.tobytes())
         return h.hexdigest()
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the artifact directory atomically; returns its path."""
+    def save(self, out: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
+        """Write the artifact directory atomically (nm_onnx.io rules for an existing one); returns its path."""
         from safetensors.numpy import save_file
 
         for key in self.tensors:
@@ -76,7 +83,7 @@ class CalibrationArtifact:
         report = dict(self.report)
         report["recipe_digest"] = self.recipe.digest()
         report["artifact_digest"] = self.digest()
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "calibration", overwrite, inputs=inputs) as tmp:
             (tmp / RECIPE_FILE).write_text(self.recipe.to_json() + "\n", encoding="utf-8")
             tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
             save_file(tensors, str(tmp / CONSTANTS_FILE), metadata={"recipe_digest": self.recipe.digest()})
@@ -89,6 +96,10 @@ class CalibrationArtifact:
 def load_artifact(path: str | os.PathLike) -> CalibrationArtifact:
     """Load a calibration artifact directory; NmOnnxError if it is missing, incomplete or corrupt."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NmOnnxError(
+            f"calibration artifact '{p}' is a file; --calibration takes the directory `nm-onnx calibrate --out` wrote"
+        )
     if not p.is_dir():
         raise NmOnnxError(f"calibration artifact '{p}' does not exist; create it with `nm-onnx calibrate`")
     for name in (RECIPE_FILE, CONSTANTS_FILE, REPORT_FILE):

@@ -196,16 +196,21 @@ def calibrate(
     model_source: str = "",
     progress: bool = True,
     max_layers: int | None = None,
+    overwrite: bool = False,
+    input_paths=(),
 ) -> CalibrationArtifact:
     """Compute the recipe's constants on `windows` ([S, L] token ids) and write the artifact to `out`.
 
     `model` is modified during the run (wrapped, then restored); max_layers limits layer-wise work to
-    the first decoder layers (for tests). Returns the saved artifact.
+    the first decoder layers (for tests). `overwrite` and `input_paths` follow nm_onnx.io's output rules
+    (checked before any work). Returns the saved artifact.
     """
+    from nm_onnx.io import check_output_dir
     from tqdm import tqdm
 
     recipe = SparsityRecipe.load(recipe)
     out = Path(out)
+    check_output_dir(out, "calibration", input_paths, overwrite)
     t_start = time.time()
     windows = np.asarray(windows, dtype=np.int64)
     state_dir = out.parent / f".{out.name}.calibrate-state"
@@ -321,9 +326,10 @@ def calibrate(
             "layers": layer_reports,
             "seconds": round(time.time() - t_start, 3),
             "targets": list(wrappers),
+            "sites": {p: [w.in_features, w.out_features] for p, w in wrappers.items()},
         }
         art = CalibrationArtifact(recipe=recipe, tensors=tensors, report=report)
-        art.save(out)
+        art.save(out, overwrite, input_paths)
     except BaseException:
         if state_dir.is_dir() and not any(state_dir.glob("layer_*.json")):
             shutil.rmtree(state_dir, ignore_errors=True)  # nothing worth resuming

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from nm_onnx.commands._args import non_negative, positive
+
 NAME = "bench"
 HELP = "Prefill/decode tokens/s of an ONNX model (and a dense baseline), interleaved, with ORT's per-op profile."
 
@@ -17,12 +19,12 @@ HELP = "Prefill/decode tokens/s of an ONNX model (and a dense baseline), interle
 def add_arguments(p):
     p.add_argument("model", help="an .onnx file or export directory (usually the sparse model)")
     p.add_argument("--baseline", default=None, help="dense model to compare against (same interface)")
-    p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill (default 512)")
-    p.add_argument("--decode", type=int, default=64, help="decode steps of one token (default 64; 0 = skip)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--top", type=int, default=10, help="ops shown in each profile (0 = no profile)")
+    p.add_argument("--prompt", type=positive, default=512, help="prompt tokens for prefill (default 512)")
+    p.add_argument("--decode", type=non_negative, default=64, help="decode steps of one token (default 64; 0 = skip)")
+    p.add_argument("--repeats", type=positive, default=3, help="interleaved timed repeats (default 3)")
+    p.add_argument("--warmup", type=non_negative, default=1, help="untimed warm-up rounds (default 1)")
+    p.add_argument("--threads", type=positive, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--top", type=non_negative, default=10, help="ops shown in each profile (0 = no profile)")
     p.add_argument("--json", action="store_true")
 
 
@@ -30,13 +32,16 @@ def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, thre
           progress=None) -> dict:
     from nm_onnx.errors import NmOnnxError
     from nm_onnx.evaluation.latency import cpu_info, measure, op_profile, paired_speedup
-    from nm_onnx.runtime import make_session
+    from nm_onnx.models import check_context
+    from nm_onnx.runtime import make_session, session_dir
 
     if repeats < 1:
         raise NmOnnxError(f"--repeats must be at least 1, got {repeats}")
-    if decode < 0:
-        raise NmOnnxError(f"--decode must be >= 0, got {decode}")
+    if decode < 0 or warmup < 0 or prompt < 1:
+        raise NmOnnxError(f"--decode and --warmup must be >= 0 and --prompt >= 1, got {decode}, {warmup}, {prompt}")
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    for p in paths.values():
+        check_context(session_dir(p), prompt + decode, "--prompt + --decode")
     sessions = {name: make_session(p, threads=threads) for name, p in paths.items()}
     res = measure(sessions, prompt, decode, repeats, warmup, progress)
     out = {"machine": cpu_info(), "providers": sessions["model"].get_providers(), "prompt": prompt,

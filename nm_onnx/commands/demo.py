@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from nm_onnx.commands._args import at_least, non_negative, positive
 from nm_onnx.models import DEFAULT_MODEL
 
 NAME = "demo"
@@ -51,19 +52,19 @@ GRID = (
 def add_arguments(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model source (default {DEFAULT_MODEL})")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--limit", type=int, default=8, help="perplexity windows (default 8; 0 = all)")
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--limit", type=non_negative, default=8, help="perplexity windows (default 8; 0 = all)")
+    p.add_argument("--seqlen", type=at_least(2), default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--data", default="wikitext2")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
-    p.add_argument("--calib-seqlen", type=int, default=256, help="calibration window length (default 256)")
-    p.add_argument("--prompt", type=int, default=128, help="bench prompt tokens (default 128)")
-    p.add_argument("--decode", type=int, default=32, help="bench decode steps (default 32; 0 = skip)")
-    p.add_argument("--repeats", type=int, default=5, help="bench repeats (default 5)")
-    p.add_argument("--twin-limit", type=int, default=1,
+    p.add_argument("--calib-samples", type=positive, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-seqlen", type=at_least(2), default=256, help="calibration window length (default 256)")
+    p.add_argument("--prompt", type=positive, default=128, help="bench prompt tokens (default 128)")
+    p.add_argument("--decode", type=non_negative, default=32, help="bench decode steps (default 32; 0 = skip)")
+    p.add_argument("--repeats", type=non_negative, default=5, help="bench repeats (default 5; 0 = no bench)")
+    p.add_argument("--twin-limit", type=non_negative, default=1,
                    help="windows for the PyTorch twin (default 1: the reference simulation is slow; 0 = skip)")
     p.add_argument("--only", default=None, help="comma-separated subset of recipes (e.g. 8:16-magnitude)")
     p.add_argument("--fresh", action="store_true", help="recompute cached rows and sparse models")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    p.add_argument("--threads", type=positive, default=None, help="ORT intra-op threads (default: ORT's)")
 
 
 def _step(msg: str) -> None:
@@ -82,7 +83,7 @@ class Demo:
 
     # ------------------------------------------------------------------ pieces
     def setup(self):
-        from nm_onnx.data import eval_windows, load_eval_text, tokenize
+        from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
         from nm_onnx.export import export
         from nm_onnx.graph import find_linear_sites, load_model
         from nm_onnx.models import load_hf_model
@@ -99,7 +100,8 @@ class Demo:
         sites = find_linear_sites(load_model(self.dense_dir))
         self.site_counts = dict(Counter(s.kind for s in sites))
         self.text = load_eval_text(a.data)
-        self.windows = eval_windows(tokenize(self.tok, self.text.text), a.seqlen, a.limit or None)
+        self.bos = bos_id(self.tok, "auto")
+        self.windows = eval_windows(tokenize(self.tok, self.text.text), a.seqlen, a.limit or None, self.bos)
         self.dense_sess = make_session(self.dense_dir, threads=a.threads)
         self.key = json.dumps({k: getattr(a, k) for k in ("model", "limit", "seqlen", "data", "calib_samples",
                                                          "calib_seqlen", "prompt", "decode", "repeats",
@@ -168,7 +170,7 @@ class Demo:
         rec.calibration.update(samples=a.calib_samples, seqlen=a.calib_seqlen)
         text = load_calibration_text(rec.calibration["data"])
         windows = calibration_windows(tokenize(self.tok, text.text), a.calib_samples, a.calib_seqlen,
-                                      rec.calibration["seed"])
+                                      rec.calibration["seed"], self.bos)
         _step(f"calibrate {recipe} on {a.calib_samples} x {a.calib_seqlen} tokens of {text.source}")
         art = calibrate(self.model, rec, windows, out, data_source=text.source, model_source=str(a.model))
         return out, art
@@ -266,6 +268,7 @@ class Demo:
             bad = only - known
             if bad:
                 raise NmOnnxError(f"--only: unknown {sorted(bad)}; choose from {sorted(known)}")
+        claim_demo_dir(self.out)
         self.setup()
         rows = []
         grid = [c for c in GRID if only is None or c.kind == "dense" or c.recipe in only]
@@ -302,6 +305,26 @@ class Demo:
             json.dump({"rows": rows, "sites": self.site_counts, "settings": json.loads(self.key)}, f, indent=2)
         with atomic_path(self.out / "ppl_vs_pattern.png") as tmp:
             plot(rows, tmp)
+
+
+def claim_demo_dir(out: Path) -> None:
+    """Make `out` the demo's folder: a new or empty one (marked), or one an earlier demo marked."""
+    from nm_onnx.errors import NmOnnxError
+    from nm_onnx.io import check_parent_writable, read_manifest, write_manifest
+
+    if out.exists() and not out.is_dir():
+        raise NmOnnxError(f"--out '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        mark = read_manifest(out)
+        if mark is None or mark.get("kind") != "demo":
+            raise NmOnnxError(
+                f"--out '{out}' is not empty and is not a folder an earlier `nm-onnx demo` made; "
+                "choose another --out (a new or empty folder)"
+            )
+        return
+    check_parent_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, "demo")
 
 
 def _f(v, fmt=".2f", suffix=""):

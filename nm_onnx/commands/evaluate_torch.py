@@ -12,21 +12,27 @@ import json
 import sys
 import time
 
+from nm_onnx.commands._args import at_least, positive
+
 NAME = "evaluate-torch"
 HELP = "Perplexity of the PyTorch simulation of a recipe (dense, activation or weight pruning)."
 
 
 def add_arguments(p):
+    from nm_onnx.data import BOS_CHOICES
+
     p.add_argument("model", help="model source: smollm2-135m, a HF directory or a .gguf file")
     p.add_argument("--recipe", default=None, help="preset, recipe JSON, or 'dense' (default: the artifact's)")
     p.add_argument("--calibration", default=None, help="calibration artifact directory")
     p.add_argument("--data", default="wikitext2", help="wikitext2 (raw test split) or a text file")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None, help="first N windows only (default: all)")
+    p.add_argument("--seqlen", type=at_least(2), default=512, help="tokens per window (default 512)")
+    p.add_argument("--limit", type=positive, default=None, help="first N windows only (default: all)")
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help="begin every window with the BOS token: auto (as the tokenizer does), always, never")
     p.add_argument("--weight-pruning", choices=("magnitude", "wanda"), default=None,
                    help="prune weights with the recipe's pattern instead of activations")
-    p.add_argument("--samples", type=int, default=128, help="Wanda calibration windows (default 128)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples", type=positive, default=128, help="Wanda calibration windows (default 128)")
+    p.add_argument("--threads", type=positive, default=2, help="torch threads (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -35,10 +41,9 @@ _SEMANTIC = ("pattern", "criterion", "shift", "scale_shift", "variance_correctio
 
 
 def run(args) -> int:
-    import torch
-
-    from nm_onnx.calibration import load_artifact
+    from nm_onnx.calibration.artifact import load_artifact
     from nm_onnx.data import (
+        bos_id,
         calibration_windows,
         eval_windows,
         load_calibration_text,
@@ -46,11 +51,10 @@ def run(args) -> int:
         tokenize,
     )
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.models import load_hf_model
+    from nm_onnx.models import check_context, check_model_source, resolve_model
     from nm_onnx.recipe import SparsityRecipe
-    from nm_onnx.reference import apply_weight_pruning, nll_torch, sparsify_model
 
-    torch.set_num_threads(max(1, args.threads))
+    check_model_source(args.model)
     artifact = load_artifact(args.calibration) if args.calibration else None
     if args.recipe is None and artifact is None:
         raise NmOnnxError("give --recipe (a preset, a recipe file or 'dense') or --calibration DIR")
@@ -70,8 +74,18 @@ def run(args) -> int:
         raise NmOnnxError("--weight-pruning needs a recipe with a pattern, not 'dense'")
 
     text = load_eval_text(args.data)
-    model, tok = load_hf_model(args.model)
-    windows = eval_windows(tokenize(tok, text.text), args.seqlen, args.limit)
+    hf_dir = resolve_model(args.model)
+    check_context(hf_dir, args.seqlen, "--seqlen")
+
+    import torch
+
+    from nm_onnx.models import load_hf_model
+    from nm_onnx.reference import apply_weight_pruning, nll_torch, sparsify_model
+
+    torch.set_num_threads(max(1, args.threads))
+    model, tok = load_hf_model(hf_dir)
+    first = bos_id(tok, args.bos)
+    windows = eval_windows(tokenize(tok, text.text), args.seqlen, args.limit, first)
     t0 = time.time()
     label = "dense"
     if args.weight_pruning:
@@ -79,7 +93,7 @@ def run(args) -> int:
         if args.weight_pruning == "wanda":
             ctext = load_calibration_text(recipe.calibration["data"])
             calib = calibration_windows(tokenize(tok, ctext.text), args.samples, args.seqlen,
-                                        recipe.calibration["seed"])
+                                        recipe.calibration["seed"], first)
         with torch.inference_mode():
             apply_weight_pruning(model, recipe.pattern, args.weight_pruning, calib, recipe.targets, recipe.exclude)
         label = f"weight-{args.weight_pruning} {recipe.pattern}"
@@ -97,6 +111,7 @@ def run(args) -> int:
         "calibration": args.calibration,
         "data": text.source,
         "seqlen": args.seqlen,
+        "bos": first is not None,
         "windows": res.windows,
         "tokens": res.tokens,
         "nll": res.nll,  # mean NLL per predicted token (nats)

@@ -1,5 +1,7 @@
 """`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable]`."""
 
+from nm_onnx.commands._args import add_overwrite
+
 NAME = "transform"
 HELP = "Rewrite an exported model with N:M activation sparsity ops (shift, mask, sparse MatMul)."
 
@@ -13,6 +15,7 @@ def add_arguments(p):
     p.add_argument("--portable", action="store_true",
                    help="attach standard-ONNX function bodies so the model runs without the op library")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_overwrite(p)
 
 
 def run(args) -> int:
@@ -21,6 +24,6 @@ def run(args) -> int:
     from nm_onnx.transform import transform
 
     report = transform(args.input, args.output, args.recipe, args.calibration,
-                       fuse=not args.no_fuse, portable=args.portable)
+                       fuse=not args.no_fuse, portable=args.portable, overwrite=args.overwrite)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0

@@ -8,7 +8,13 @@ after `import nm_onnx.evaluation.lm_eval_adapter`.
 
 One ORT forward per request (batch 1), so that masks never depend on padding or batch composition.
 Model args: path (an .onnx file or export directory), tokenizer (default: the model's directory),
-threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048).
+threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048),
+bos (auto | always | never; lm-eval's `add_bos_token=True/False` is accepted too).
+
+Tokenization follows lm-eval's own `hf` model exactly (so log-likelihoods match it): with bos=auto a
+request is encoded with the tokenizer's default special tokens (the BOS of Gemma / Llama
+tokenizers), except when the text already starts with the BOS string; the prefix token of an empty
+context and of rolling windows is the BOS (else EOS) token.
 """
 
 from __future__ import annotations  # noqa: I001 - nm_onnx.models must be imported before lm_eval
@@ -26,6 +32,7 @@ from tqdm.auto import tqdm
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.evaluation.feeds import has_kv_cache, make_feed, present_to_past
+from nm_onnx.evaluation.tokenizer import load_tokenizer
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,22 +41,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return lg - (np.log(np.exp(lg - mx).sum(axis=-1, keepdims=True)) + mx)
 
 
-def load_tokenizer(source):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except Exception as e:  # noqa: BLE001 - many exception types for a missing/bad tokenizer
-        raise NmOnnxError(f"no tokenizer at {source} ({type(e).__name__}); pass tokenizer=DIR") from None
-
-
 @register_model("nm-onnx", "nm_onnx")
 class NmOnnxLM(TemplateLM):
     """An lm-eval LM over an (optionally N:M-sparse) ONNX causal LM run by ONNX Runtime."""
 
-    def __init__(self, path=None, tokenizer=None, threads=None, max_length=None, session=None, **_ignored):
+    def __init__(self, path=None, tokenizer=None, threads=None, max_length=None, session=None, bos="auto",
+                 add_bos_token=None, **_ignored):
         super().__init__()
+        from nm_onnx.data import BOS_CHOICES
         from nm_onnx.runtime import make_session, session_dir
+
+        if add_bos_token is not None:  # lm-eval's hf model argument
+            bos = "always" if str(add_bos_token).lower() in ("1", "true", "yes") else "never"
+        if bos not in BOS_CHOICES:
+            raise NmOnnxError(f"model arg bos={bos!r}: use one of {', '.join(BOS_CHOICES)}")
+        self.bos = bos
 
         if session is None:
             if path is None:
@@ -59,7 +65,8 @@ class NmOnnxLM(TemplateLM):
         else:
             tok_src = tokenizer
         self.session = session
-        self.tokenizer = load_tokenizer(tok_src) if isinstance(tok_src, (str, Path)) else tok_src
+        self.tokenizer = (load_tokenizer(tok_src, option="tokenizer=DIR (model arg)")
+                          if isinstance(tok_src, (str, Path)) else tok_src)
         self._outputs = [o.name for o in session.get_outputs()]
         if "logits" not in self._outputs:
             raise NmOnnxError("the ONNX model has no 'logits' output; export a causal LM with `nm-onnx export`")
@@ -75,8 +82,24 @@ class NmOnnxLM(TemplateLM):
     def max_length(self) -> int:
         return self._max_length
 
+    @property
+    def prefix_token_id(self) -> int:
+        t = self.tokenizer
+        return t.bos_token_id if t.bos_token_id is not None else self.eot_token_id
+
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+        """lm-eval hf's tok_encode: the tokenizer's default special tokens unless told (see module doc)."""
+        t = self.tokenizer
+        if add_special_tokens is None and self.bos == "auto":
+            bos_text = t.decode(self.prefix_token_id)
+            starts = bool(bos_text) and string.startswith(bos_text)
+            return t.encode(string, **({"add_special_tokens": False} if starts else {}))
+        if add_special_tokens is None:
+            add_special_tokens = self.bos == "always"
+        ids = t.encode(string, add_special_tokens=False)
+        if add_special_tokens and t.bos_token_id is not None and (not ids or ids[0] != t.bos_token_id):
+            ids = [t.bos_token_id, *ids]
+        return ids
 
     def tok_decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -176,14 +199,14 @@ def _config_max_length(path) -> int:
     return 2048
 
 
-def evaluate_tasks(model_path, tasks, limit=None, threads=None, tokenizer=None, session=None) -> dict:
+def evaluate_tasks(model_path, tasks, limit=None, threads=None, tokenizer=None, session=None, bos="auto") -> dict:
     """Zero-shot accuracy of MODEL on offline tasks: {task: {metric: value}} (lm-eval, 0-shot)."""
     import lm_eval
 
     from nm_onnx.evaluation.tasks import parse_tasks, task_manager
 
     names = parse_tasks(tasks)
-    lm = NmOnnxLM(path=model_path, tokenizer=tokenizer, threads=threads, session=session)
+    lm = NmOnnxLM(path=model_path, tokenizer=tokenizer, threads=threads, session=session, bos=bos)
     res = lm_eval.simple_evaluate(
         model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(names),
         bootstrap_iters=0, log_samples=False,

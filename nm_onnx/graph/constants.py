@@ -1,8 +1,10 @@
 """Weight access for the passes: one weight at a time, straight from (external) data, in one read.
 
 The passes need two constants per site that depend on the weight: the shift bias r = W·1 (column
-sums of B = W^T) and the Amber / Wanda channel factors (`nm_onnx.reference.channel_factors`). They
-are computed here weight by weight in ONE chunked pass over the stored bytes (external data is read
+sums of B = W^T) and the Amber / Wanda channel factors (`nm_onnx.reference.channel_factors`), and
+one fact about it: every value is finite (NMSparseMatMul skips pruned rows of B while the unfused
+NMMask -> MatMul form multiplies them by 0, so an inf or NaN weight would make the two forms differ;
+docs/ops.md). They are computed here weight by weight in ONE chunked pass over the stored bytes (external data is read
 with plain file reads into a small reused buffer: no mmap, no whole-weight copy), so transforming a
 13 GB model holds a few MiB per weight. The sites are independent: `site_constants_parallel` runs
 them on a thread pool (numpy releases the GIL in the float work), one weight per worker.
@@ -15,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from nm_onnx.errors import NmOnnxError
+
 CHUNK_ELEMENTS = 1 << 18  # elements per chunk of the streaming pass: float64 work set ~2 MiB (cache-sized)
 
 
 def _initializer(model, name: str):
     value = model.graph.initializers.get(name)
     if value is None or value.const_value is None:
-        from nm_onnx.errors import NmOnnxError
-
         raise NmOnnxError(f"weight initializer '{name}' has no data in the model")
     return value.const_value
 
@@ -63,8 +65,6 @@ def _file_chunks(tensor, shape, dtype, rows: int):
             while done < len(view):
                 got = f.readinto(view[done:])
                 if not got:
-                    from nm_onnx.errors import NmOnnxError
-
                     raise NmOnnxError(f"external data of '{tensor.name}' in '{tensor.path}' is truncated")
                 done += got
             yield start, buf[: count * n_cols].reshape(count, n_cols)
@@ -134,8 +134,21 @@ def _amber_mu_sigma_fp16(stored: np.ndarray) -> tuple[float, float]:
     return _amber_mu_sigma_from_counts(_fp16_histogram(np.ascontiguousarray(stored).view(np.uint16).reshape(-1)))
 
 
+class NonFiniteWeight(NmOnnxError):
+    """A weight holds inf or NaN values (the message names the weight; callers add the site)."""
+
+
+def _check_finite(tensor, bad: int, total: int) -> None:
+    if bad:
+        raise NonFiniteWeight(
+            f"weight '{tensor.name}' holds {bad} non-finite value(s) (inf/NaN) of {total}; nm-onnx refuses it "
+            "because the fused and unfused sparse forms would compute different results (docs/ops.md); "
+            "fix the checkpoint or exclude this module in the recipe"
+        )
+
+
 def _one_pass(tensor, transposed: bool, channel: bool, hist: bool, need_r: bool):
-    """ONE chunked float64 pass over the stored weight.
+    """ONE chunked float64 pass over the stored weight (raises NonFiniteWeight on inf/NaN).
 
     Returns (s1, s2, r, counts, O): per input channel j the sums s2_j = sum_o W[o, j]^2 (if
     `channel`) and s1_j = sum_o W[o, j] (if `hist`), r = W·1 (if `need_r`), the float16 bit
@@ -152,7 +165,11 @@ def _one_pass(tensor, transposed: bool, channel: bool, hist: bool, need_r: bool)
     counts = np.zeros(65536, dtype=np.int64) if hist else None
     rows = max(1, CHUNK_ELEMENTS // max(1, cols_n))
     work = np.empty(rows * cols_n)  # reused: a fresh 2 MiB temporary per chunk costs more than the math
+    bad = 0
     for start, chunk in _row_chunks(tensor, rows):
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            bad += int(finite.size - np.count_nonzero(finite))
         if counts is not None:
             counts += np.bincount(chunk.view(np.uint16).reshape(-1), minlength=65536)
         x = work[: chunk.shape[0] * cols_n].reshape(chunk.shape[0], cols_n)
@@ -172,19 +189,19 @@ def _one_pass(tensor, transposed: bool, channel: bool, hist: bool, need_r: bool)
                 s1[start:stop] = x.sum(axis=1)
             if s2 is not None:
                 s2[start:stop] = np.einsum("ij,ij->i", x, x)
+    _check_finite(tensor, bad, rows_n * cols_n)
     return s1, s2, r, counts, o
 
 
 def tensor_constants(tensor, transposed: bool, criterion: str | None, need_r: bool):
     """(channel factors f [K] or None, r = W·1 [O] or None) of one stored weight tensor, float32.
 
+    Always reads the weight once and raises NonFiniteWeight if it holds an inf or NaN.
     Wanda, and Amber on float16 weights, take the one-pass path (Amber's [0.5%, 99.5%] quantiles
     exactly from the float16 bit histogram); Amber on other dtypes calls
     `nm_onnx.reference.channel_factors` itself (exact quantiles need the whole weight). Both agree
     with the reference to float rounding (tests/test_passes_constants.py).
     """
-    if criterion not in ("amber", "wanda") and not need_r:
-        return None, None
     fp16 = tensor.dtype.numpy() == np.float16
     factors = None
     if criterion == "amber" and not fp16:
@@ -192,13 +209,16 @@ def tensor_constants(tensor, transposed: bool, criterion: str | None, need_r: bo
 
         stored = tensor.numpy()
         try:
+            finite = np.isfinite(stored)
+            _check_finite(tensor, int(finite.size - np.count_nonzero(finite)), finite.size)
+            del finite
             factors = channel_factors(stored if transposed else stored.T, criterion)
         finally:
             del stored
             _release(tensor)
-        criterion = None
         if not need_r:
             return factors, None
+        criterion = None
     channel = criterion in ("amber", "wanda")
     s1, s2, r, counts, o = _one_pass(tensor, transposed, channel, criterion == "amber", need_r)
     if criterion == "wanda":
@@ -215,10 +235,14 @@ def tensor_constants(tensor, transposed: bool, criterion: str | None, need_r: bo
 
 
 def weight_constants(model, site, criterion: str | None, need_r: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(channel factors f [K] or None, r = W·1 [O] or None) of one site, float32, one weight read once."""
-    if criterion not in ("amber", "wanda") and not need_r:
-        return None, None
-    return tensor_constants(_initializer(model, site.weight), site.transposed, criterion, need_r)
+    """(channel factors f [K] or None, r = W·1 [O] or None) of one site, float32, one weight read once.
+
+    NmOnnxError naming the site if the weight holds an inf or NaN.
+    """
+    try:
+        return tensor_constants(_initializer(model, site.weight), site.transposed, criterion, need_r)
+    except NonFiniteWeight as e:
+        raise NmOnnxError(f"site '{site.module}': {e}") from None
 
 
 def default_workers() -> int:
@@ -239,13 +263,15 @@ def site_constants_parallel(model, jobs, workers: int | None = None):
     The weight tensors are looked up on the calling thread; each worker then reads one weight at a
     time, so at most `workers` weights are being read at once (a few MiB of buffers each).
     """
-    tasks = [(_initializer(model, s.weight) if (c in ("amber", "wanda") or nr) else None, s.transposed, c, nr)
-             for s, c, nr in jobs]
+    tasks = [(s, _initializer(model, s.weight), c, nr) for s, c, nr in jobs]
     workers = workers or default_workers()
 
     def work(task):
-        tensor, transposed, criterion, need_r = task
-        return (None, None) if tensor is None else tensor_constants(tensor, transposed, criterion, need_r)
+        site, tensor, criterion, need_r = task
+        try:
+            return tensor_constants(tensor, site.transposed, criterion, need_r)
+        except NonFiniteWeight as e:
+            raise NmOnnxError(f"site '{site.module}': {e}") from None
 
     if workers <= 1 or len(tasks) <= 1:
         yield from map(work, tasks)

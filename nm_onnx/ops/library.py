@@ -39,5 +39,14 @@ def library_available() -> bool:
 
 
 def register_library(sess_options) -> None:
-    """Register the op library with an `onnxruntime.SessionOptions`."""
-    sess_options.register_custom_ops_library(library_path())
+    """Register the op library with an `onnxruntime.SessionOptions` (NmOnnxError if it cannot load)."""
+    path = library_path()
+    try:
+        sess_options.register_custom_ops_library(path)
+    except Exception as e:  # noqa: BLE001 - ORT raises a bare RuntimeError/Fail for a bad file
+        origin = "$NM_ONNX_OPS_LIB" if os.environ.get("NM_ONNX_OPS_LIB") else "the built library"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NmOnnxError(
+            f"cannot load the nm_onnx op library {path} ({origin}): {first}; point $NM_ONNX_OPS_LIB at a "
+            "libnm_onnx_ops.so built by `make ops`, or unset it"
+        ) from None

@@ -35,6 +35,7 @@ class PassReport:
 
     sites: list[dict] = field(default_factory=list)  # {module, kind, action, reason}
     fused: dict[str, str] = field(default_factory=dict)  # module -> "fused" or the reason it is not
+    records: list[dict] = field(default_factory=list)  # one per sparsified site (nm_onnx.passes.record)
 
     def add(self, site, action: str, reason: str = "") -> None:
         self.sites.append({"module": site.module, "kind": site.kind, "action": action, "reason": reason})

@@ -54,8 +54,8 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
 class FuseSparseMatMul:
     """pattern / check / rewrite for one NMMask-rooted chain."""
 
-    def match(self, graph: ir.Graph, mask: ir.Node) -> Match | str:
-        """The bound chain, or the reason it cannot be fused."""
+    def match(self, graph: ir.Graph, mask: ir.Node, by_site: dict | None = None) -> Match | str:
+        """The bound chain, or the reason it cannot be fused (`by_site`: nodes per site tag, built once)."""
         crit = mask.attributes.get_string("criterion", "magnitude")
         if crit != "magnitude":
             return f"criterion '{crit}' has no fused kernel (NMSparseMatMul ranks by |x| * channel_scale)"
@@ -102,7 +102,7 @@ class FuseSparseMatMul:
         zu = _only_use(z)
         if zu is not None and role(zu[0]) == "vc_apply":
             apply = zu[0]
-            vc_nodes = self._vc_nodes(graph, apply)
+            vc_nodes = self._vc_nodes(graph, apply, by_site)
             entry = {role(n): n for n in vc_nodes}
             x_cast, xh_cast = entry.get("vc_x_cast"), entry.get("vc_xh_cast")
             if x_cast is None or xh_cast is None or xh_cast.inputs[0] is not mask.outputs[0]:
@@ -118,14 +118,11 @@ class FuseSparseMatMul:
         return m
 
     @staticmethod
-    def _vc_nodes(graph: ir.Graph, apply: ir.Node) -> list[ir.Node]:
+    def _vc_nodes(graph: ir.Graph, apply: ir.Node, by_site: dict | None = None) -> list[ir.Node]:
         site = apply.metadata_props.get(SITE_KEY)
-        return [
-            n for n in graph
-            if n.metadata_props.get(SITE_KEY) == site
-            and (n.metadata_props.get(ROLE_KEY) or "").startswith("vc_")
-            and n is not apply
-        ]
+        nodes = by_site.get(site, []) if by_site is not None else [
+            n for n in graph if n.metadata_props.get(SITE_KEY) == site]
+        return [n for n in nodes if (n.metadata_props.get(ROLE_KEY) or "").startswith("vc_") and n is not apply]
 
     def rewrite(self, graph: ir.Graph, m: Match) -> ir.Node:
         mask, matmul = m.mask, m.matmul
@@ -146,8 +143,7 @@ class FuseSparseMatMul:
         node.metadata_props[ROLE_KEY] = "NMSparseMatMul"
         graph.insert_before(matmul, node)
         redirect(graph, m.last, out)
-        removed = set(m.removed)
-        graph.remove([n for n in reversed(list(graph)) if n in removed], safe=True)
+        graph.remove(m.removed, safe=True)  # order-free, O(removed)
         return node
 
 
@@ -170,9 +166,16 @@ class FusePass(ir.passes.InPlacePass):
         graph = model.graph
         changed = False
         prefixes: set[str] = set()
-        for mask in [n for n in graph if n.op_type == "NMMask" and n.domain == DOMAIN]:
+        by_site: dict[str, list[ir.Node]] = {}
+        masks = []
+        for n in graph:
+            if SITE_KEY in n.metadata_props:
+                by_site.setdefault(n.metadata_props[SITE_KEY], []).append(n)
+            if n.op_type == "NMMask" and n.domain == DOMAIN:
+                masks.append(n)
+        for mask in masks:
             site = mask.metadata_props.get(SITE_KEY, mask.name)
-            result = self.rule.match(graph, mask)
+            result = self.rule.match(graph, mask, by_site)
             if isinstance(result, str):
                 self.report.fused[site] = result
                 continue

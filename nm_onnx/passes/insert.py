@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from nm_onnx.graph.constants import shift_times_weight, site_constants_parallel, weight_constants
 from nm_onnx.ops.schemas import DOMAIN
-from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect
+from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect, tag
 
 VAR_EPS = 1e-9
 
@@ -67,11 +67,27 @@ def _weight_job(plan: SitePlan):
     return plan.site, (None if calibrated is not None else plan.criterion), plan.shift in ("median", "mean")
 
 
-def insert_site(model: ir.Model, plan: SitePlan, opset: int, weight_consts=None) -> None:
-    """Insert the chain at one site; `weight_consts` = (factors, r) when already computed."""
+def site_nodes(graph: ir.Graph) -> dict[str, ir.Node]:
+    """{node name: node} of the graph, built once per pass (a site is found by name, not by a scan)."""
+    return {n.name: n for n in graph if n.name}
+
+
+def insert_site(model: ir.Model, plan: SitePlan, opset: int, weight_consts=None, by_name=None) -> None:
+    """Insert the chain at one site; `weight_consts` = (factors, r) when already computed.
+
+    The site's own MatMul and bias Add are tagged too, so the site's nodes are exactly the nodes
+    tagged with its module (the record pass reads that).
+    """
     graph = model.graph
     site = plan.site
-    matmul = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
+    by_name = by_name if by_name is not None else site_nodes(graph)
+    matmul = by_name.get(site.matmul)
+    if matmul is None or matmul.op_type != "MatMul" or matmul.outputs[0].name != site.output:
+        matmul = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
+    tag(matmul, site, "matmul")
+    bias_add = by_name.get(site.bias_add) if site.bias_add else None
+    if bias_add is not None:
+        tag(bias_add, site, "bias_add")
     x, y = matmul.inputs[0], matmul.outputs[0]
     dtype = activation_dtype(matmul)
     calibrated = plan.constants.get("channel_scale")
@@ -157,7 +173,8 @@ class InsertPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = _opset(model)
         plans: list[SitePlan] = self.locate.plans
+        by_name = site_nodes(model.graph)
         results = site_constants_parallel(model, [_weight_job(p) for p in plans], self.workers)
         for plan, consts in zip(plans, results, strict=True):
-            insert_site(model, plan, opset, consts)
+            insert_site(model, plan, opset, consts, by_name)
         return ir.passes.PassResult(model, bool(plans))

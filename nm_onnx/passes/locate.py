@@ -72,6 +72,7 @@ class LocatePass(ir.passes.InPlacePass):
             )
         if self.calibration is not None:
             self._check_artifact_recipe()
+            self._check_artifact_model(sites, [s.module for s in sites if s.module in selected])
         self.plans = []
         for s in sites:
             if s.module not in selected:
@@ -104,6 +105,32 @@ class LocatePass(ir.passes.InPlacePass):
                 f"calibration artifact was made for recipe '{a.name}', which differs from '{r.name}' in "
                 f"{', '.join(diff)}; calibrate with this recipe or pass the artifact directory as --recipe"
             )
+
+    def _check_artifact_model(self, sites, selected) -> None:
+        """The artifact must come from this model (same sites, same [K, O]) and cover the selected sites."""
+        art = self.calibration
+        shapes = art.site_shapes()
+        here = {s.module: (s.k, s.o) for s in sites}
+        where = f"calibration artifact '{art.path}'" if art.path else "the calibration artifact"
+        source = (art.report or {}).get("model") or "another model"
+        known = shapes if shapes is not None else {m: None for m in art.modules()}
+        strangers = [m for m in known if m not in here]
+        other = [m for m in known if m in here and known[m] is not None and tuple(known[m]) != here[m]]
+        if strangers or other:
+            m = (other or strangers)[0]
+            detail = (f"'{m}' is [K, O] = {list(known[m])} there and {list(here[m])} here" if other
+                      else f"it has site '{m}', which this model does not have")
+            raise NmOnnxError(
+                f"{where} was calibrated on {source}, not this model ({detail}); "
+                "run `nm-onnx calibrate` on this model with this recipe"
+            )
+        if shapes is not None:
+            uncovered = [m for m in selected if m not in shapes]
+            if uncovered:
+                raise NmOnnxError(
+                    f"{where} does not cover site '{uncovered[0]}' that recipe '{self.recipe.name}' selects "
+                    f"({len(uncovered)} such site(s)); calibrate with the same targets and excludes"
+                )
 
     @staticmethod
     def _check_shapes(site, constants) -> None:

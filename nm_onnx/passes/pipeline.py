@@ -1,4 +1,4 @@
-"""The pass pipeline of `nm-onnx transform`: locate -> insert -> [fuse] -> finish (onnx_ir PassManager)."""
+"""The pass pipeline of `nm-onnx transform`: locate -> insert -> [fuse] -> record -> finish (PassManager)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from nm_onnx.passes.finish import FinishPass
 from nm_onnx.passes.fuse import FusePass
 from nm_onnx.passes.insert import InsertPass
 from nm_onnx.passes.locate import LocatePass
+from nm_onnx.passes.record import RecordPass
 
 __all__ = ["PassReport", "SitePlan", "build_pipeline", "run_pipeline"]
 
@@ -21,6 +22,7 @@ def build_pipeline(recipe, calibration=None, fuse: bool = True, portable: bool =
     passes = [locate, InsertPass(locate)]
     if fuse:
         passes.append(FusePass(report))
+    passes.append(RecordPass(locate, report))
     digest = calibration.digest() if calibration is not None else None
     passes.append(FinishPass(recipe, digest, portable=portable, check=check))
     return ir.passes.PassManager(passes), report

@@ -155,6 +155,7 @@ def sparse_linear(
     learned_shift: torch.Tensor | None = None,
     scale_a: torch.Tensor | None = None,
     scale_b: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b with N:M activation sparsity and the recipe's mitigations, in deployable form.
 
@@ -163,7 +164,9 @@ def sparse_linear(
     per-token or static eta; = s W^T for the learned shift);
     variance correction: z *= v_t with x_hat = xh + eta;
     scale_shift: z = z * (1 + a) + b_out; finally the linear's own bias: y = z + bias.
-    For unstructured sparsity pass m = K and n = number kept.
+    For unstructured sparsity pass m = K and n = number kept. `mask` (bool, x's shape) forces the
+    selection instead of computing it (validate's teacher-forced check: the masks a deployed model
+    chose, replayed through the reference).
     """
     k = x.shape[-1]
     if k % m != 0:
@@ -186,8 +189,11 @@ def sparse_linear(
         raise NmOnnxError(f"unknown shift '{shift}'")
 
     xc = x if eta is None else x - eta
-    with torch.no_grad():
-        mask = nm_mask(selection_scores(xc.detach(), criterion, channel_scale), n, m)
+    if mask is None:
+        with torch.no_grad():
+            mask = nm_mask(selection_scores(xc.detach(), criterion, channel_scale), n, m)
+    elif mask.shape != x.shape:
+        raise NmOnnxError(f"forced mask has shape {tuple(mask.shape)}, the input {tuple(x.shape)}")
     xh = torch.where(mask, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
     z = torch.nn.functional.linear(xh, weight)
     if eta is not None:

@@ -38,6 +38,7 @@ class SparseLinear(nn.Module):
                 f"of M={self.m}; exclude this module from the recipe's targets"
             )
         self.enabled = True  # False: behave as the dense linear (used by calibration)
+        self.forced_masks: list[torch.Tensor] = []  # masks to replay, one per call in order (validate)
         self.stats = None  # dict: when set, dense forwards accumulate median statistics
         dev = self.weight.device
         self.channel_scale = None
@@ -118,6 +119,7 @@ class SparseLinear(nn.Module):
             learned_shift=self.learned_shift,
             scale_a=self.scale_a,
             scale_b=self.scale_b,
+            mask=self.forced_masks.pop(0) if self.forced_masks else None,
         )
 
     def extra_repr(self) -> str:

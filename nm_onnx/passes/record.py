@@ -1,0 +1,100 @@
+"""record: the identity of every sparsified site, written once, read by everything downstream.
+
+The insert pass tags every node of a site (its MatMul, bias Add and everything it inserts) with the
+site's module path (`nm_onnx.site`); fuse keeps the tag on the fused node. After the rewrite this pass
+groups the nodes by tag and writes one record per site:
+
+    module, kind, layer, k, o             the linear site (nm_onnx.graph.LinearSite)
+    input                                 the activation value X the site reads
+    output                                the one value the site's nodes hand to the rest of the graph
+    nodes                                 the names of the site's nodes, in graph order
+    op, fused                             NMSparseMatMul (fused) or NMMask (unfused)
+    n, m, criterion, shift, variance_correction, scale_shift
+    constants                             the initializers the site's nodes read (weights included)
+
+The records go into the model's metadata (`nm_onnx.sites`, JSON) and the transform report
+(`nm_onnx_transform.json`), so `validate`, `bench`'s per-site profile and `inspect` find a site by
+what the transform did, never by a naming rule (dynamo exports name nodes `node_linear_N`; duplicate
+module paths carry a `#n` suffix).
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.passes.common import SITE_KEY, PassReport, SitePlan
+
+SITES_KEY = "nm_onnx.sites"  # model metadata: JSON list of site records
+
+
+def site_records(model_or_proto) -> list[dict]:
+    """The site records a transformed model carries (onnx_ir Model or ModelProto); [] for a dense model."""
+    meta = getattr(model_or_proto, "metadata_props", None)
+    if isinstance(meta, dict):
+        raw = meta.get(SITES_KEY)
+    else:
+        raw = next((p.value for p in meta or [] if p.key == SITES_KEY), None)
+    if not raw:
+        return []
+    try:
+        records = json.loads(raw)
+    except ValueError:
+        raise NmOnnxError(f"the model's '{SITES_KEY}' metadata is not valid JSON (edited by hand?)") from None
+    return records if isinstance(records, list) else []
+
+
+def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
+    site = plan.site
+    inside = set(map(id, nodes))
+    leaving = []
+    for n in nodes:
+        for v in n.outputs:
+            if v is None:
+                continue
+            users = [u.node if hasattr(u, "node") else u[0] for u in v.uses()]
+            if v in graph_outputs or any(id(u) not in inside for u in users):
+                leaving.append(v.name)
+    if len(leaving) != 1:
+        raise NmOnnxError(
+            f"internal: site '{site.module}' hands {len(leaving)} values to the rest of the graph "
+            f"({leaving[:4]}), expected exactly 1"
+        )
+    sparse = [n for n in nodes if n.domain == DOMAIN and n.op_type in ("NMSparseMatMul", "NMMask")]
+    if len(sparse) != 1:
+        raise NmOnnxError(f"internal: site '{site.module}' has {len(sparse)} NMMask/NMSparseMatMul nodes")
+    constants = sorted({v.name for n in nodes for v in n.inputs
+                        if v is not None and (v.is_initializer() or v.const_value is not None)})
+    return {
+        "module": site.module, "kind": site.kind, "layer": site.layer, "k": site.k, "o": site.o,
+        "input": site.input, "output": leaving[0], "nodes": [n.name for n in nodes],
+        "op": sparse[0].op_type, "fused": sparse[0].op_type == "NMSparseMatMul",
+        "n": plan.n, "m": plan.m, "criterion": plan.criterion, "shift": plan.shift,
+        "variance_correction": plan.variance_correction, "scale_shift": plan.scale_shift,
+        "constants": constants,
+    }
+
+
+class RecordPass(ir.passes.InPlacePass):
+    """Write the site records of `locate.plans` into metadata and the report (graph unchanged)."""
+
+    def __init__(self, locate, report: PassReport):
+        super().__init__()
+        self.locate = locate
+        self.report = report
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        by_site: dict[str, list[ir.Node]] = {}
+        for n in graph:
+            key = n.metadata_props.get(SITE_KEY)
+            if key is not None:
+                by_site.setdefault(key, []).append(n)
+        outputs = frozenset(graph.outputs)
+        records = [_record(p, by_site.get(p.site.module, []), outputs) for p in self.locate.plans]
+        model.metadata_props[SITES_KEY] = json.dumps(records, separators=(",", ":"))
+        self.report.records = records
+        return ir.passes.PassResult(model, False)
