@@ -10,6 +10,16 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import (
+    assert_gemm_close,
+    dtypes,
+    function_session,
+    kinds,
+    leading,
+    needs_library,
+    patterns,
+    sparse_matmul_inputs,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
@@ -21,28 +31,6 @@ from nm_onnx.ops.graphs import op_model
 from nm_onnx.ops.testing import assert_same, random_values
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_SESSIONS: dict = {}
-
-
-def function_session(op_type, inputs, outputs, dtype=np.float32, **attrs):
-    """A session on the portable model WITHOUT the op library: ORT must inline the function body."""
-    key = (op_type, tuple(inputs), np.dtype(dtype).name, tuple(sorted(attrs.items())))
-    if key not in _SESSIONS:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        model = op_model(op_type, inputs, outputs, dtype, functions=True, **attrs)
-        _SESSIONS[key] = ort.InferenceSession(
-            model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-        )
-    return _SESSIONS[key]
-
-
-patterns = st.sampled_from([1, 2, 4, 8, 16, 32, 64]).flatmap(
-    lambda m: st.tuples(st.integers(0, m), st.just(m))
-)
-leading = st.lists(st.integers(0, 3), min_size=0, max_size=3)
-kinds = st.sampled_from(["normal", "ties", "special"])
-dtypes = st.sampled_from([np.float32, np.float16])
 
 
 @SETTINGS
@@ -106,27 +94,12 @@ def test_nm_sparse_matmul_function_matches_reference(nm, lead, groups, o, dtype,
     k = m * groups
     x = random_values(rng, (*lead, k), "normal", dtype)
     b = random_values(rng, (k, o), "normal", dtype)
-    names, feeds, extra = ["X", "B", "", "", ""], {"X": x, "B": b}, {}
-    values = {
-        "cs": rng.choice(np.array([0.5, 1.0, 2.0]), size=k),
-        "sb": b.astype(np.float32).sum(0),
-        "bias": rng.standard_normal(o),
-    }
-    for i, (name, use) in enumerate(zip(("cs", "sb", "bias"), optional)):
-        if use:
-            names[2 + i], feeds[name] = name, values[name].astype(dtype)
-            extra[name] = feeds[name]
-    while names[-1] == "":
-        names.pop()
+    names, feeds, keywords = sparse_matmul_inputs(rng, x, b, optional)
     y = function_session(
         "NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc
     ).run(None, feeds)[0]
-    expected = ref.nm_sparse_matmul(
-        x, b, n, m, shift, vc, extra.get("cs"), extra.get("sb"), extra.get("bias")
-    )
-    assert y.shape == expected.shape and y.dtype == expected.dtype
-    tol = 1e-4 if dtype == np.float32 else 1e-2
-    np.testing.assert_allclose(y.astype(np.float32), expected.astype(np.float32), rtol=tol, atol=tol * 10)
+    expected = ref.nm_sparse_matmul(x, b, n, m, shift, vc, **keywords)
+    assert_gemm_close(y, expected, x, b, n, m, shift, vc, **keywords)
 
 
 def test_function_needs_opset_18():
@@ -169,7 +142,7 @@ def executed_op_types(model, with_library: bool, feeds, tmp_path) -> set[str]:
     return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
 
 
-@pytest.mark.skipif(not ops.library_available(), reason="op library not built: run `make ops`")
+@needs_library
 @pytest.mark.parametrize("op", ["NMMask", "TokenShift", "NMSparseMatMul"])
 def test_ort_runs_kernel_with_library_and_function_body_without(op, tmp_path):
     rng = np.random.default_rng(0)

@@ -17,17 +17,27 @@ Contract details fixed here (and in docs/ops.md):
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.ops.schemas import (
+    CPU,
+    DTYPES,
+    NM_MASK,
+    NM_SPARSE_MATMUL,
+    SCHEMAS,
+    TOKEN_SHIFT,
+    cast_hint,
+    check_choice,
+    text,
+)
 
-CRITERIA = ("magnitude", "clact")
-SHIFT_MODES = ("median", "mean")
-SHIFTS = ("none", "median", "mean")
-SUPPORTED_DTYPES = (np.float32, np.float16)
+_text = text  # a string attribute (bytes from onnx) as str
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+CRITERIA = SCHEMAS[NM_MASK].attribute("criterion").choices
+SHIFT_MODES = SCHEMAS[TOKEN_SHIFT].attribute("mode").choices
+SHIFTS = SCHEMAS[NM_SPARSE_MATMUL].attribute("shift").choices
+SUPPORTED_DTYPES = tuple(helper.tensor_dtype_to_np_dtype(t) for t in DTYPES[CPU])
 
 
 def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndarray:
@@ -35,8 +45,7 @@ def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndar
     x = np.asarray(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise NmOnnxError(
-            f"{op}: input {name} has dtype {x.dtype}, which is not supported; "
-            "cast it to float32 or float16 (bfloat16 runs on CUDA only)"
+            f"{op}: input {name} has dtype {x.dtype}, which is not supported; cast it to {cast_hint()}"
         )
     if x.ndim < min_rank:
         raise NmOnnxError(
@@ -44,6 +53,11 @@ def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndar
             "last axis (reshape a scalar to [1])"
         )
     return x
+
+
+def check_attribute(op: str, name: str, value):
+    """`value` of attribute `name` of `op`, checked against the op table (strings come back as str)."""
+    return check_choice(op, SCHEMAS[op].attribute(name), value)
 
 
 def check_pattern(op: str, n: int, m: int, k: int | None = None) -> None:
@@ -62,12 +76,13 @@ def check_pattern(op: str, n: int, m: int, k: int | None = None) -> None:
         )
 
 
-def check_vector(op: str, name: str, v, length: int, what: str) -> np.ndarray | None:
-    """Validate an optional 1-D per-feature input of the given length."""
+def check_vector(op: str, name: str, v, length: int) -> np.ndarray | None:
+    """Validate an optional 1-D input of `op` (channel_scale, shift_bias, bias) of the given length."""
     if v is None:
         return None
     v = check_input(op, name, v)
     if v.ndim != 1 or v.shape[0] != length:
+        what = SCHEMAS[op].input(name).what
         raise NmOnnxError(
             f"{op}: input {name} has shape {list(v.shape)}; it must be 1-D of length {length} ({what})"
         )
@@ -130,14 +145,12 @@ def _scores(x2: np.ndarray, criterion: str, channel_scale: np.ndarray | None) ->
 
 def nm_keep_mask(x, n: int, m: int, criterion: str = "magnitude", channel_scale=None) -> np.ndarray:
     """Boolean keep mask (same shape as x) of the N:M selection of NMMask."""
-    op = "NMMask"
+    op = NM_MASK
     x = check_input(op, "X", x)
-    criterion = _text(criterion)
-    if criterion not in CRITERIA:
-        raise NmOnnxError(f"{op}: attribute criterion={criterion!r} is unknown; use one of {CRITERIA}")
+    criterion = check_attribute(op, "criterion", criterion)
     k = x.shape[-1]
     check_pattern(op, n, m, k)
-    cs = check_vector(op, "channel_scale", channel_scale, k, "one factor per input feature")
+    cs = check_vector(op, "channel_scale", channel_scale, k)
     x2 = _rows(x)
     return keep_from_scores(_scores(x2, criterion, cs), int(n), int(m)).reshape(x.shape)
 
@@ -167,11 +180,9 @@ def row_shift(x2: np.ndarray, mode: str) -> np.ndarray:
 
 def token_shift(x, mode: str = "median") -> tuple[np.ndarray, np.ndarray]:
     """TokenShift: (x - eta, eta) with eta [..., 1] the per-token lower median or mean."""
-    op = "TokenShift"
+    op = TOKEN_SHIFT
     x = check_input(op, "X", x)
-    mode = _text(mode)
-    if mode not in SHIFT_MODES:
-        raise NmOnnxError(f"{op}: attribute mode={mode!r} is unknown; use one of {SHIFT_MODES}")
+    mode = check_attribute(op, "mode", mode)
     x2 = _rows(x)
     eta = row_shift(x2, mode)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -202,14 +213,11 @@ def nm_sparse_matmul(
     bias=None,
 ) -> np.ndarray:
     """NMSparseMatMul: v_t * (P(x_t - eta_t) @ B + eta_t * shift_bias) + bias (see docs/ops.md)."""
-    op = "NMSparseMatMul"
+    op = NM_SPARSE_MATMUL
     x = check_input(op, "X", x)
     b = check_input(op, "B", b)
-    shift = _text(shift)
-    if shift not in SHIFTS:
-        raise NmOnnxError(f"{op}: attribute shift={shift!r} is unknown; use one of {SHIFTS}")
-    if int(variance_correction) not in (0, 1):
-        raise NmOnnxError(f"{op}: attribute variance_correction={variance_correction} must be 0 or 1")
+    shift = check_attribute(op, "shift", shift)
+    variance_correction = check_attribute(op, "variance_correction", int(variance_correction))
     if b.ndim != 2:
         raise NmOnnxError(f"{op}: input B has rank {b.ndim}; it must be the [K, O] MatMul weight (rank 2)")
     k = x.shape[-1]
@@ -221,9 +229,9 @@ def nm_sparse_matmul(
         raise NmOnnxError(f"{op}: input B has dtype {b.dtype} but X has {x.dtype}; cast B to {x.dtype}")
     check_pattern(op, n, m, k)
     o = b.shape[1]
-    cs = check_vector(op, "channel_scale", channel_scale, k, "one factor per input feature")
-    sb = check_vector(op, "shift_bias", shift_bias, o, "column sums of B, one per output")
-    bi = check_vector(op, "bias", bias, o, "one per output")
+    cs = check_vector(op, "channel_scale", channel_scale, k)
+    sb = check_vector(op, "shift_bias", shift_bias, o)
+    bi = check_vector(op, "bias", bias, o)
 
     x2 = _rows(x)
     eta, xh, v = sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
