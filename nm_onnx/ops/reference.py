@@ -37,6 +37,7 @@ _text = text  # a string attribute (bytes from onnx) as str
 CRITERIA = SCHEMAS[NM_MASK].attribute("criterion").choices
 SHIFT_MODES = SCHEMAS[TOKEN_SHIFT].attribute("mode").choices
 SHIFTS = SCHEMAS[NM_SPARSE_MATMUL].attribute("shift").choices
+VAR_EPS = 1e-9  # floor of the pruned row's variance in the variance correction
 SUPPORTED_DTYPES = tuple(helper.tensor_dtype_to_np_dtype(t) for t in DTYPES[CPU])
 
 
@@ -198,7 +199,7 @@ def variance_scale(x2: np.ndarray, xh: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         vx = np.var(x2.astype(np.float64), axis=-1, ddof=1)
         vh = np.var(xh.astype(np.float64), axis=-1, ddof=1)
-        return np.sqrt(vx / np.maximum(vh, 1e-9)).astype(np.float32)
+        return np.sqrt(vx / np.maximum(vh, VAR_EPS)).astype(np.float32)
 
 
 def nm_sparse_matmul(
