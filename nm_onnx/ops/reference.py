@@ -12,6 +12,8 @@ Contract details fixed here (and in docs/ops.md):
 - median: lower median (sorted row, index (K-1)//2); NaN if the row has a NaN; -0 is returned as +0.
   mean: float64 sum in index order / K, rounded to float32. K == 0 gives eta = 0.
 - variance correction: v = sqrt(var(x) / max(var(xh), 1e-9)), unbiased (K-1), float64; v = 1 when K < 2.
+- NMSparseMatMul's product sums xh_tk * B[k, :] over the kept k only (IEEE on those terms), so an inf
+  or NaN in a pruned row of B never reaches the output, as in the kernels, which never read those rows.
 """
 
 from __future__ import annotations
@@ -213,7 +215,10 @@ def nm_sparse_matmul(
     shift_bias=None,
     bias=None,
 ) -> np.ndarray:
-    """NMSparseMatMul: v_t * (P(x_t - eta_t) @ B + eta_t * shift_bias) + bias (see docs/ops.md)."""
+    """NMSparseMatMul: v_t * (P(x_t - eta_t) @ B + eta_t * shift_bias) + bias (see docs/ops.md).
+
+    The product sums over the kept entries only: an inf or NaN in a pruned row of B never reaches y.
+    """
     op = NM_SPARSE_MATMUL
     x = check_input(op, "X", x)
     b = check_input(op, "B", b)
@@ -235,9 +240,9 @@ def nm_sparse_matmul(
     bi = check_vector(op, "bias", bias, o)
 
     x2 = _rows(x)
-    eta, xh, v = sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
+    eta, keep, xh, v = _sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
     with np.errstate(invalid="ignore", over="ignore"):
-        z = (xh.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+        z = kept_rows_matmul(xh, keep, b).astype(np.float32)
         if sb is not None:
             z = z + eta[:, None] * sb
         if int(variance_correction):
@@ -250,10 +255,34 @@ def nm_sparse_matmul(
 
 def sparse_matmul_parts(x2, n, m, shift="none", variance_correction=0, channel_scale=None):
     """(eta [T], xh [T, K], v [T]) of NMSparseMatMul for float32 rows x2 [T, K] (v = 1 without correction)."""
+    eta, _, xh, v = _sparse_matmul_parts(x2, n, m, shift, variance_correction, channel_scale)
+    return eta, xh, v
+
+
+def _sparse_matmul_parts(x2, n, m, shift, variance_correction, channel_scale):
+    """(eta, keep, xh, v): sparse_matmul_parts with the keep mask [T, K]."""
     eta = np.zeros(x2.shape[0], dtype=np.float32) if shift == "none" else row_shift(x2, shift)
     with np.errstate(invalid="ignore", over="ignore"):
         xs = x2 - eta[:, None]
         keep = keep_from_scores(_scores(xs, "magnitude", channel_scale), int(n), int(m))
         xh = np.where(keep, xs, np.float32(0))
     v = variance_scale(x2, xh) if int(variance_correction) else np.ones(x2.shape[0], dtype=np.float32)
-    return eta, xh, v
+    return eta, keep, xh, v
+
+
+def kept_rows_matmul(xh: np.ndarray, keep: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """z[t] = sum over the kept k of xh[t, k] * B[k, :], in float64 [T, O]; pruned rows of B are not read.
+
+    IEEE arithmetic on the kept terms only (a kept 0 times inf is NaN), like the kernels. When B is
+    finite the dense product is exact (a pruned entry is +0 and 0 * finite adds nothing); otherwise
+    each row multiplies its kept rows of B elementwise (no BLAS, which may skip zero factors).
+    """
+    b64 = b.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(b64).all():
+            return xh.astype(np.float64) @ b64
+        z = np.empty((xh.shape[0], b.shape[1]), dtype=np.float64)
+        for t, (row, kept) in enumerate(zip(xh, keep)):
+            k = np.flatnonzero(kept)
+            z[t] = (row[k, None].astype(np.float64) * b64[k]).sum(axis=0)
+    return z
