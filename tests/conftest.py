@@ -3,8 +3,10 @@
 Op tests: `kernel_session` and `function_session` give one cached ONNX Runtime session per single-node
 op model (`nm_onnx.ops.graphs.op_model`): the first with the op library registered (the C++ kernels),
 the second without it (ORT inlines the standard-ONNX function bodies of the portable model).
-`needs_library` skips a test, naming the build command, when the library is missing; the hypothesis
-strategies and `sparse_matmul_inputs` / `assert_gemm_close` are shared by the op test files.
+`needs_library` skips a test, naming the build command, when the library is missing. The hypothesis
+case strategies and `check_*` functions run one op through either session against the numpy
+reference (tests/test_ops_kernels.py and tests/test_ops_functions.py); `sparse_matmul_inputs` and
+`assert_gemm_close` build and judge NMSparseMatMul cases.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from nm_onnx import ops
 from nm_onnx.ops import reference as ref
 from nm_onnx.ops.graphs import DEFAULT_OPSET, op_model
 from nm_onnx.ops.schemas import SCHEMAS
+from nm_onnx.ops.testing import assert_same, random_values
 
 needs_library = pytest.mark.skipif(not ops.library_available(), reason="op library not built: run `make ops`")
 
@@ -59,6 +62,86 @@ patterns = st.sampled_from([1, 2, 4, 8, 16, 32, 64]).flatmap(
 leading = st.lists(st.integers(0, 3), min_size=0, max_size=3)
 kinds = st.sampled_from(["normal", "ties", "special"])
 dtypes = st.sampled_from([np.float32, np.float16])
+seeds = st.integers(0, 2**31)
+
+
+# ----- one op against the numpy reference: the cases and checks shared by the kernel and function tests
+def nm_mask_cases(groups):
+    return st.fixed_dictionaries(
+        {
+            "nm": patterns,
+            "lead": leading,
+            "groups": groups,
+            "kind": kinds,
+            "dtype": dtypes,
+            "criterion": st.sampled_from(["magnitude", "clact"]),
+            "scaled": st.booleans(),
+            "seed": seeds,
+        }
+    )
+
+
+def check_nm_mask(session, nm, lead, groups, kind, dtype, criterion, scaled, seed):
+    """NMMask through `session` (kernel_session or function_session) equals the reference bit for bit."""
+    n, m = nm
+    rng = np.random.default_rng(seed)
+    x = random_values(rng, (*lead, m * groups), kind, dtype)
+    feeds = {"X": x}
+    if scaled:
+        feeds["channel_scale"] = rng.choice(np.array([0.5, 1.0, 2.0, 3.0]), size=m * groups).astype(dtype)
+    sess = session("NMMask", node_inputs("NMMask", feeds), ["Y"], dtype, n=n, m=m, criterion=criterion)
+    assert_same(sess.run(None, feeds)[0], ref.nm_mask(x, n, m, criterion, feeds.get("channel_scale")))
+
+
+def token_shift_cases(k):
+    modes = st.sampled_from(["median", "mean"])
+    return st.fixed_dictionaries(
+        {"mode": modes, "lead": leading, "k": k, "kind": kinds, "dtype": dtypes, "seed": seeds}
+    )
+
+
+def check_token_shift(session, mode, lead, k, kind, dtype, seed, exact_mean=True):
+    """TokenShift equals the reference bit for bit (the mean to float32 rounding unless `exact_mean`)."""
+    x = random_values(np.random.default_rng(seed), (*lead, k), kind, dtype)
+    xc, eta = session("TokenShift", ["X"], ["Xc", "eta"], dtype, mode=mode).run(None, {"X": x})
+    rxc, reta = ref.token_shift(x, mode)
+    if mode == "median" or exact_mean:
+        assert_same(eta, reta)
+        assert_same(xc, rxc)
+    else:  # float64 sums in another order: equal up to the float32 rounding of the mean
+        np.testing.assert_allclose(eta.astype(np.float32), reta.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def sparse_matmul_cases(groups, o, kinds=kinds):
+    return st.fixed_dictionaries(
+        {
+            "nm": patterns,
+            "lead": leading,
+            "groups": groups,
+            "o": o,
+            "kind": kinds,
+            "dtype": dtypes,
+            "shift": st.sampled_from(["none", "median", "mean"]),
+            "vc": st.sampled_from([0, 1]),
+            "optional": st.tuples(st.booleans(), st.booleans(), st.booleans()),
+            "seed": seeds,
+        }
+    )
+
+
+def check_nm_sparse_matmul(session, nm, lead, groups, o, kind, dtype, shift, vc, optional, seed):
+    """NMSparseMatMul equals the reference: same NaN/inf entries, the rest to GEMM tolerance."""
+    n, m = nm
+    rng = np.random.default_rng(seed)
+    k = m * groups
+    x = random_values(rng, (*lead, k), kind, dtype)
+    b = rng.standard_normal((k, o)).astype(dtype)
+    names, feeds, keywords = sparse_matmul_inputs(rng, x, b, optional)
+    sess = session("NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc)
+    expected = ref.nm_sparse_matmul(x, b, n, m, shift, vc, **keywords)
+    assert_gemm_close(sess.run(None, feeds)[0], expected, x, b, n, m, shift, vc, **keywords)
+
+
 OPTIONAL_INPUTS = ("channel_scale", "shift_bias", "bias")
 
 

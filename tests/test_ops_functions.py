@@ -11,14 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import (
-    assert_gemm_close,
-    dtypes,
+    check_nm_mask,
+    check_nm_sparse_matmul,
+    check_token_shift,
     function_session,
-    kinds,
-    leading,
     needs_library,
-    patterns,
-    sparse_matmul_inputs,
+    nm_mask_cases,
+    sparse_matmul_cases,
+    token_shift_cases,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,80 +26,28 @@ from onnx.reference import ReferenceEvaluator
 
 from nm_onnx import ops
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.ops import reference as ref
 from nm_onnx.ops.graphs import op_model
-from nm_onnx.ops.testing import assert_same, random_values
+from nm_onnx.ops.testing import assert_same
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3),
-    kind=kinds,
-    dtype=dtypes,
-    criterion=st.sampled_from(["magnitude", "clact"]),
-    scaled=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_mask_function_matches_reference(nm, lead, groups, kind, dtype, criterion, scaled, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    x = random_values(rng, (*lead, m * groups), kind, dtype)
-    feeds, inputs, cs = {"X": x}, ["X"], None
-    if scaled:
-        cs = rng.choice(np.array([0.5, 1.0, 2.0]), size=m * groups).astype(dtype)
-        feeds["cs"], inputs = cs, ["X", "cs"]
-    y = function_session("NMMask", inputs, ["Y"], dtype, n=n, m=m, criterion=criterion).run(None, feeds)[0]
-    assert_same(y, ref.nm_mask(x, n, m, criterion, cs))
+@given(case=nm_mask_cases(groups=st.integers(0, 3)))
+def test_nm_mask_function_matches_reference(case):
+    check_nm_mask(function_session, **case)
 
 
 @SETTINGS
-@given(
-    mode=st.sampled_from(["median", "mean"]),
-    lead=leading,
-    k=st.integers(0, 9),
-    kind=kinds,
-    dtype=dtypes,
-    seed=st.integers(0, 2**31),
-)
-def test_token_shift_function_matches_reference(mode, lead, k, kind, dtype, seed):
-    x = random_values(np.random.default_rng(seed), (*lead, k), kind, dtype)
-    xc, eta = function_session("TokenShift", ["X"], ["Xc", "eta"], dtype, mode=mode).run(None, {"X": x})
-    rxc, reta = ref.token_shift(x, mode)
-    if mode == "median":
-        assert_same(eta, reta)
-        assert_same(xc, rxc)
-    else:  # float64 sums in another order: equal up to the float32 rounding of the mean
-        np.testing.assert_allclose(eta.astype(np.float32), reta.astype(np.float32), rtol=1e-6, atol=1e-7)
+@given(case=token_shift_cases(k=st.integers(0, 9)))
+def test_token_shift_function_matches_reference(case):
+    check_token_shift(function_session, **case, exact_mean=False)
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3),
-    o=st.integers(0, 4),
-    dtype=dtypes,
-    shift=st.sampled_from(["none", "median", "mean"]),
-    vc=st.sampled_from([0, 1]),
-    optional=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_sparse_matmul_function_matches_reference(nm, lead, groups, o, dtype, shift, vc, optional, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), "normal", dtype)
-    b = random_values(rng, (k, o), "normal", dtype)
-    names, feeds, keywords = sparse_matmul_inputs(rng, x, b, optional)
-    y = function_session(
-        "NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc
-    ).run(None, feeds)[0]
-    expected = ref.nm_sparse_matmul(x, b, n, m, shift, vc, **keywords)
-    assert_gemm_close(y, expected, x, b, n, m, shift, vc, **keywords)
+@given(case=sparse_matmul_cases(groups=st.integers(0, 3), o=st.integers(0, 4)))
+def test_nm_sparse_matmul_function_matches_reference(case):
+    check_nm_sparse_matmul(function_session, **case)
 
 
 def test_function_needs_opset_18():

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import (
-    assert_gemm_close,
-    dtypes,
-    kinds,
-    leading,
+    check_nm_mask,
+    check_nm_sparse_matmul,
+    check_token_shift,
     needs_library,
-    patterns,
-    sparse_matmul_inputs,
+    nm_mask_cases,
+    sparse_matmul_cases,
+    token_shift_cases,
 )
 from conftest import kernel_session as session
 from hypothesis import HealthCheck, given, settings
@@ -31,73 +31,21 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]),
-    kind=kinds,
-    dtype=dtypes,
-    criterion=st.sampled_from(["magnitude", "clact"]),
-    scaled=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_mask_matches_reference(nm, lead, groups, kind, dtype, criterion, scaled, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), kind, dtype)
-    feeds = {"X": x}
-    inputs = ["X"]
-    cs = None
-    if scaled:
-        cs = rng.choice(np.array([0.5, 1.0, 2.0, 3.0]), size=k).astype(dtype)
-        feeds["cs"] = cs
-        inputs.append("cs")
-    y = session("NMMask", inputs, ["Y"], dtype, n=n, m=m, criterion=criterion).run(None, feeds)[0]
-    assert_same(y, ref.nm_mask(x, n, m, criterion, cs))
+@given(case=nm_mask_cases(groups=st.integers(0, 3) | st.sampled_from([4, 8, 16])))
+def test_nm_mask_matches_reference(case):
+    check_nm_mask(session, **case)
 
 
 @SETTINGS
-@given(
-    mode=st.sampled_from(["median", "mean"]),
-    lead=leading,
-    k=st.integers(0, 9) | st.integers(10, 700),  # wide rows: the median's compaction passes and tails
-    kind=kinds,
-    dtype=dtypes,
-    seed=st.integers(0, 2**31),
-)
-def test_token_shift_matches_reference(mode, lead, k, kind, dtype, seed):
-    x = random_values(np.random.default_rng(seed), (*lead, k), kind, dtype)
-    xc, eta = session("TokenShift", ["X"], ["Xc", "eta"], dtype, mode=mode).run(None, {"X": x})
-    rxc, reta = ref.token_shift(x, mode)
-    assert_same(eta, reta)
-    assert_same(xc, rxc)
+@given(case=token_shift_cases(k=st.integers(0, 9) | st.integers(10, 700)))  # wide rows: the median's passes
+def test_token_shift_matches_reference(case):
+    check_token_shift(session, **case)
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]),
-    o=st.integers(0, 5),
-    kind=st.sampled_from(["normal", "ties", "special"]),
-    dtype=dtypes,
-    shift=st.sampled_from(["none", "median", "mean"]),
-    vc=st.sampled_from([0, 1]),
-    optional=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_sparse_matmul_matches_reference(nm, lead, groups, o, kind, dtype, shift, vc, optional, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), kind, dtype)
-    b = rng.standard_normal((k, o)).astype(dtype)
-    names, feeds, keywords = sparse_matmul_inputs(rng, x, b, optional)
-    sess = session("NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc)
-    y = sess.run(None, feeds)[0]
-    expected = ref.nm_sparse_matmul(x, b, n, m, shift, vc, **keywords)
-    assert_gemm_close(y, expected, x, b, n, m, shift, vc, **keywords)
+@given(case=sparse_matmul_cases(groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]), o=st.integers(0, 5)))
+def test_nm_sparse_matmul_matches_reference(case):
+    check_nm_sparse_matmul(session, **case)
 
 
 @pytest.mark.parametrize("m", [128, 576])
