@@ -71,6 +71,7 @@ def test_unfused_mask_then_matmul_differs_on_a_pruned_inf():
     unfused = sess.run(None, {"X": X, "B": B})[0]
     assert np.isnan(unfused[0, :2]).all()  # the pruned 0.1 and 0.2 meet inf and NaN: 0 * inf, 0 * NaN
     assert_same(unfused[:, 2:], EXPECTED[:, 2:])
+    assert_same(ref.nm_sparse_matmul(X, B, 2, 4)[:, :2], EXPECTED[:, :2])  # the fused op: finite
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
