@@ -10,123 +10,44 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import (
+    check_nm_mask,
+    check_nm_sparse_matmul,
+    check_token_shift,
+    function_session,
+    needs_library,
+    nm_mask_cases,
+    sparse_matmul_cases,
+    token_shift_cases,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
 
 from nm_onnx import ops
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.ops import reference as ref
 from nm_onnx.ops.graphs import op_model
-from nm_onnx.ops.testing import assert_same, random_values
+from nm_onnx.ops.testing import assert_same
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_SESSIONS: dict = {}
-
-
-def function_session(op_type, inputs, outputs, dtype=np.float32, **attrs):
-    """A session on the portable model WITHOUT the op library: ORT must inline the function body."""
-    key = (op_type, tuple(inputs), np.dtype(dtype).name, tuple(sorted(attrs.items())))
-    if key not in _SESSIONS:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        model = op_model(op_type, inputs, outputs, dtype, functions=True, **attrs)
-        _SESSIONS[key] = ort.InferenceSession(
-            model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-        )
-    return _SESSIONS[key]
-
-
-patterns = st.sampled_from([1, 2, 4, 8, 16, 32, 64]).flatmap(
-    lambda m: st.tuples(st.integers(0, m), st.just(m))
-)
-leading = st.lists(st.integers(0, 3), min_size=0, max_size=3)
-kinds = st.sampled_from(["normal", "ties", "special"])
-dtypes = st.sampled_from([np.float32, np.float16])
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3),
-    kind=kinds,
-    dtype=dtypes,
-    criterion=st.sampled_from(["magnitude", "clact"]),
-    scaled=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_mask_function_matches_reference(nm, lead, groups, kind, dtype, criterion, scaled, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    x = random_values(rng, (*lead, m * groups), kind, dtype)
-    feeds, inputs, cs = {"X": x}, ["X"], None
-    if scaled:
-        cs = rng.choice(np.array([0.5, 1.0, 2.0]), size=m * groups).astype(dtype)
-        feeds["cs"], inputs = cs, ["X", "cs"]
-    y = function_session("NMMask", inputs, ["Y"], dtype, n=n, m=m, criterion=criterion).run(None, feeds)[0]
-    assert_same(y, ref.nm_mask(x, n, m, criterion, cs))
+@given(case=nm_mask_cases(groups=st.integers(0, 3)))
+def test_nm_mask_function_matches_reference(case):
+    check_nm_mask(function_session, **case)
 
 
 @SETTINGS
-@given(
-    mode=st.sampled_from(["median", "mean"]),
-    lead=leading,
-    k=st.integers(0, 9),
-    kind=kinds,
-    dtype=dtypes,
-    seed=st.integers(0, 2**31),
-)
-def test_token_shift_function_matches_reference(mode, lead, k, kind, dtype, seed):
-    x = random_values(np.random.default_rng(seed), (*lead, k), kind, dtype)
-    xc, eta = function_session("TokenShift", ["X"], ["Xc", "eta"], dtype, mode=mode).run(None, {"X": x})
-    rxc, reta = ref.token_shift(x, mode)
-    if mode == "median":
-        assert_same(eta, reta)
-        assert_same(xc, rxc)
-    else:  # float64 sums in another order: equal up to the float32 rounding of the mean
-        np.testing.assert_allclose(eta.astype(np.float32), reta.astype(np.float32), rtol=1e-6, atol=1e-7)
+@given(case=token_shift_cases(k=st.integers(0, 9)))
+def test_token_shift_function_matches_reference(case):
+    check_token_shift(function_session, **case, exact_mean=False)
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3),
-    o=st.integers(0, 4),
-    dtype=dtypes,
-    shift=st.sampled_from(["none", "median", "mean"]),
-    vc=st.sampled_from([0, 1]),
-    optional=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_sparse_matmul_function_matches_reference(nm, lead, groups, o, dtype, shift, vc, optional, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), "normal", dtype)
-    b = random_values(rng, (k, o), "normal", dtype)
-    names, feeds, extra = ["X", "B", "", "", ""], {"X": x, "B": b}, {}
-    values = {
-        "cs": rng.choice(np.array([0.5, 1.0, 2.0]), size=k),
-        "sb": b.astype(np.float32).sum(0),
-        "bias": rng.standard_normal(o),
-    }
-    for i, (name, use) in enumerate(zip(("cs", "sb", "bias"), optional)):
-        if use:
-            names[2 + i], feeds[name] = name, values[name].astype(dtype)
-            extra[name] = feeds[name]
-    while names[-1] == "":
-        names.pop()
-    y = function_session(
-        "NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc
-    ).run(None, feeds)[0]
-    expected = ref.nm_sparse_matmul(
-        x, b, n, m, shift, vc, extra.get("cs"), extra.get("sb"), extra.get("bias")
-    )
-    assert y.shape == expected.shape and y.dtype == expected.dtype
-    tol = 1e-4 if dtype == np.float32 else 1e-2
-    np.testing.assert_allclose(y.astype(np.float32), expected.astype(np.float32), rtol=tol, atol=tol * 10)
+@given(case=sparse_matmul_cases(groups=st.integers(0, 3), o=st.integers(0, 4)))
+def test_nm_sparse_matmul_function_matches_reference(case):
+    check_nm_sparse_matmul(function_session, **case)
 
 
 def test_function_needs_opset_18():
@@ -169,7 +90,7 @@ def executed_op_types(model, with_library: bool, feeds, tmp_path) -> set[str]:
     return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
 
 
-@pytest.mark.skipif(not ops.library_available(), reason="op library not built: run `make ops`")
+@needs_library
 @pytest.mark.parametrize("op", ["NMMask", "TokenShift", "NMSparseMatMul"])
 def test_ort_runs_kernel_with_library_and_function_body_without(op, tmp_path):
     rng = np.random.default_rng(0)

@@ -8,158 +8,44 @@ shifts must match bit for bit; the GEMM to float tolerance. One and two intra-op
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
+from conftest import (
+    check_nm_mask,
+    check_nm_sparse_matmul,
+    check_token_shift,
+    needs_library,
+    nm_mask_cases,
+    sparse_matmul_cases,
+    token_shift_cases,
+)
+from conftest import kernel_session as session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nm_onnx import ops
 from nm_onnx.ops import reference as ref
-from nm_onnx.ops.graphs import op_model
 from nm_onnx.ops.testing import assert_same, random_values
 
-pytestmark = pytest.mark.skipif(not ops.library_available(), reason="op library not built: run `make ops`")
+pytestmark = needs_library
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_SESSIONS: dict = {}
-
-
-def session(op_type, inputs, outputs, dtype=np.float32, threads=1, **attrs):
-    key = (
-        op_type,
-        tuple(inputs),
-        tuple(outputs),
-        np.dtype(dtype).name,
-        threads,
-        tuple(sorted(attrs.items())),
-    )
-    if key not in _SESSIONS:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 4
-        ops.register_library(so)
-        model = op_model(op_type, inputs, outputs, dtype, **attrs)
-        _SESSIONS[key] = ort.InferenceSession(
-            model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-        )
-    return _SESSIONS[key]
-
-
-patterns = st.sampled_from([1, 2, 4, 8, 16, 32, 64]).flatmap(
-    lambda m: st.tuples(st.integers(0, m), st.just(m))
-)
-leading = st.lists(st.integers(0, 3), min_size=0, max_size=3)
-kinds = st.sampled_from(["normal", "ties", "special"])
-dtypes = st.sampled_from([np.float32, np.float16])
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]),
-    kind=kinds,
-    dtype=dtypes,
-    criterion=st.sampled_from(["magnitude", "clact"]),
-    scaled=st.booleans(),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_mask_matches_reference(nm, lead, groups, kind, dtype, criterion, scaled, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), kind, dtype)
-    feeds = {"X": x}
-    inputs = ["X"]
-    cs = None
-    if scaled:
-        cs = rng.choice(np.array([0.5, 1.0, 2.0, 3.0]), size=k).astype(dtype)
-        feeds["cs"] = cs
-        inputs.append("cs")
-    y = session("NMMask", inputs, ["Y"], dtype, n=n, m=m, criterion=criterion).run(None, feeds)[0]
-    assert_same(y, ref.nm_mask(x, n, m, criterion, cs))
+@given(case=nm_mask_cases(groups=st.integers(0, 3) | st.sampled_from([4, 8, 16])))
+def test_nm_mask_matches_reference(case):
+    check_nm_mask(session, **case)
 
 
 @SETTINGS
-@given(
-    mode=st.sampled_from(["median", "mean"]),
-    lead=leading,
-    k=st.integers(0, 9) | st.integers(10, 700),  # wide rows: the median's compaction passes and tails
-    kind=kinds,
-    dtype=dtypes,
-    seed=st.integers(0, 2**31),
-)
-def test_token_shift_matches_reference(mode, lead, k, kind, dtype, seed):
-    x = random_values(np.random.default_rng(seed), (*lead, k), kind, dtype)
-    xc, eta = session("TokenShift", ["X"], ["Xc", "eta"], dtype, mode=mode).run(None, {"X": x})
-    rxc, reta = ref.token_shift(x, mode)
-    assert_same(eta, reta)
-    assert_same(xc, rxc)
+@given(case=token_shift_cases(k=st.integers(0, 9) | st.integers(10, 700)))  # wide rows: the median's passes
+def test_token_shift_matches_reference(case):
+    check_token_shift(session, **case)
 
 
 @SETTINGS
-@given(
-    nm=patterns,
-    lead=leading,
-    groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]),
-    o=st.integers(0, 5),
-    kind=st.sampled_from(["normal", "ties", "special"]),
-    dtype=dtypes,
-    shift=st.sampled_from(["none", "median", "mean"]),
-    vc=st.sampled_from([0, 1]),
-    optional=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-    seed=st.integers(0, 2**31),
-)
-def test_nm_sparse_matmul_matches_reference(nm, lead, groups, o, kind, dtype, shift, vc, optional, seed):
-    n, m = nm
-    rng = np.random.default_rng(seed)
-    k = m * groups
-    x = random_values(rng, (*lead, k), kind, dtype)
-    b = rng.standard_normal((k, o)).astype(dtype)
-    names = ["X", "B", "", "", ""]
-    feeds = {"X": x, "B": b}
-    extra = {}
-    for i, (name, use, length) in enumerate(zip(("cs", "sb", "bias"), optional, (k, o, o))):
-        if use:
-            v = (
-                rng.choice(np.array([0.5, 1.0, 2.0]), size=length)
-                if name == "cs"
-                else rng.standard_normal(length)
-            ).astype(dtype)
-            if name == "sb":
-                v = b.astype(np.float32).sum(0).astype(dtype)
-            names[2 + i] = name
-            feeds[name] = v
-            extra[name] = v
-    while names and names[-1] == "":
-        names.pop()
-    sess = session("NMSparseMatMul", names, ["Y"], dtype, n=n, m=m, shift=shift, variance_correction=vc)
-    y = sess.run(None, feeds)[0]
-    expected = ref.nm_sparse_matmul(
-        x, b, n, m, shift, vc, extra.get("cs"), extra.get("sb"), extra.get("bias")
-    )
-    assert y.shape == expected.shape and y.dtype == expected.dtype
-    # Tolerance scaled by the magnitude of the terms of each dot product.
-    y32, e32 = y.astype(np.float32), expected.astype(np.float32)
-    finite = np.isfinite(e32)
-    np.testing.assert_array_equal(np.isnan(y32), np.isnan(e32))
-    np.testing.assert_array_equal(y32[np.isinf(e32)], e32[np.isinf(e32)])
-    # Tolerance: float32 rounding of each dot product, scaled by its terms' magnitudes (and by v).
-    x2 = ref._rows(x)
-    eta, xh, v = ref.sparse_matmul_parts(x2, n, m, shift, vc, extra.get("cs"))
-    b32 = b.astype(np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        terms = np.abs(np.nan_to_num(xh, posinf=0, neginf=0)) @ np.abs(b32)
-        if "sb" in extra:
-            terms = terms + np.abs(np.nan_to_num(eta, posinf=0, neginf=0))[:, None] * np.abs(
-                extra["sb"].astype(np.float32)
-            )
-        terms = terms * np.nan_to_num(np.abs(v), nan=1, posinf=1)[:, None] + 1.0
-    rtol = 1e-5 if dtype == np.float32 else 4e-3
-    tol = (rtol * 8 * terms + np.abs(e32).reshape(terms.shape) * rtol).reshape(e32.shape)
-    with np.errstate(invalid="ignore"):
-        err = np.abs(y32 - e32)
-    np.testing.assert_array_less(err[finite], tol[finite] + 1e-6)
+@given(case=sparse_matmul_cases(groups=st.integers(0, 3) | st.sampled_from([4, 8, 16]), o=st.integers(0, 5)))
+def test_nm_sparse_matmul_matches_reference(case):
+    check_nm_sparse_matmul(session, **case)
 
 
 @pytest.mark.parametrize("m", [128, 576])

@@ -1,7 +1,9 @@
 """`onnx.reference` OpRun classes for the nm_onnx ops, so ReferenceEvaluator runs transformed models.
 
-Usage: `onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS)`. Each class forwards to the
-numpy reference in `nm_onnx.ops.reference`; attribute defaults are the op defaults of docs/ops.md.
+Usage: `onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS)`. There is one class per op of
+the table in `schemas.py`: it binds the node's inputs (None for an omitted optional one) and its
+attributes (defaults filled in, required ones and choices checked with the kernels' messages) by the
+table's names, and calls the numpy reference in `nm_onnx.ops.reference`.
 """
 
 from __future__ import annotations
@@ -9,45 +11,29 @@ from __future__ import annotations
 from onnx.reference.op_run import OpRun
 
 from nm_onnx.ops import reference as ref
-from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, SCHEMAS, TOKEN_SHIFT
+
+# The numpy reference of each op, called with the table's input and attribute names.
+_REFERENCE = {
+    TOKEN_SHIFT: lambda X, mode: ref.token_shift(X, mode),
+    NM_MASK: lambda X, channel_scale, n, m, criterion: (ref.nm_mask(X, n, m, criterion, channel_scale),),
+    NM_SPARSE_MATMUL: lambda X, B, channel_scale, shift_bias, bias, n, m, shift, variance_correction: (
+        ref.nm_sparse_matmul(X, B, n, m, shift, variance_correction, channel_scale, shift_bias, bias),
+    ),
+}
 
 
-class TokenShift(OpRun):
+class _NmOnnxOp(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, mode="median"):
-        return ref.token_shift(x, mode)
+    def _run(self, *inputs, **attributes):
+        schema = SCHEMAS[self.op_type]  # the node's op type (OpRun property)
+        values = dict.fromkeys(schema.input_names)
+        values.update(zip(schema.input_names, inputs))
+        values.update(schema.attribute_values(schema.name, attributes))
+        return _REFERENCE[schema.name](**values)
 
 
-class NMMask(OpRun):
-    op_domain = DOMAIN
-
-    def _run(self, x, channel_scale=None, n=None, m=None, criterion="magnitude"):
-        if n is None or m is None:
-            raise ref.NmOnnxError("NMMask: attributes n and m are required (e.g. n=8, m=16)")
-        return (ref.nm_mask(x, n, m, criterion, channel_scale),)
-
-
-class NMSparseMatMul(OpRun):
-    op_domain = DOMAIN
-
-    def _run(
-        self,
-        x,
-        b,
-        channel_scale=None,
-        shift_bias=None,
-        bias=None,
-        n=None,
-        m=None,
-        shift="none",
-        variance_correction=0,
-    ):
-        if n is None or m is None:
-            raise ref.NmOnnxError("NMSparseMatMul: attributes n and m are required (e.g. n=8, m=16)")
-        return (
-            ref.nm_sparse_matmul(x, b, n, m, shift, variance_correction, channel_scale, shift_bias, bias),
-        )
-
-
-REFERENCE_OPS = [TokenShift, NMMask, NMSparseMatMul]
+REFERENCE_OPS = [
+    type(name, (_NmOnnxOp,), {}) for name in SCHEMAS
+]  # ReferenceEvaluator keys on the class name

@@ -2,262 +2,280 @@
 
 A model that carries these FunctionProtos runs in a plain onnxruntime without libnm_onnx_ops (ORT
 inlines the body); with the library registered ORT runs the kernel instead. The bodies implement the
-same contract as the numpy reference (docs/ops.md), computing in float32 (float64 for the mean and the
-clact column norms):
+same contract as the numpy reference (docs/ops.md), computing in float32 (float64 for the mean, the
+variances and the clact column norms):
 - N:M selection by pairwise comparison inside each group of M: rank_j = #(strictly better) +
   #(equal with lower index), keep rank < N, NaN better than everything (IsNaN), -0 == +0 (Equal);
+  this materialises [..., K/M, M, M] booleans: fine for M <= 64, slow for M = K;
 - lower median by TopK (smallest (K-1)//2 + 1) with a NaN row giving NaN, -0 turned into +0;
+- NMSparseMatMul sums x_tk * B[k, :] over the kept k only: a plain MatMul when B is finite (a pruned
+  entry is +0 and 0 * finite adds nothing), else (an `If` on "sum(B * 0) is NaN") the kept rows of B
+  are gathered per token ([T, K*N/M, O] floats), so an inf or NaN in a pruned row is never read;
 - string attributes are mapped to integers with ai.onnx.ml LabelEncoder; optional inputs are detected
   with OptionalHasElement (opset 18) and read through Gemm's optional C input, so absent inputs work.
-Needs opset >= 18 in the default domain (and ai.onnx.ml >= 2); the caller adds both to the model.
-The pairwise ranking materialises [..., K/M, M, M] booleans: fine for M <= 64, slow for M = K.
+
+Written with onnxscript `@script` functions, checked against the opset-18 schemas when this module is
+imported. The pieces the ops share (rows, optional vectors, shifts, selection, variance, the kept-rows
+product) are functions of a private domain; onnxscript turns a call between script functions into a
+function-call node, so `function_protos` inlines them with `onnx.inliner` and each op is one
+self-contained FunctionProto; its signature is checked against the op table
+(schemas.py). onnxscript expresses everything the former ONNX-text templates did (attribute references
+inside Constant, string attributes with defaults, LabelEncoder, omitted optional inputs, If); it
+cannot write a Loop with scan outputs, which these bodies do not need. A body's default-domain opset
+is the model's (>= 18; the ai.onnx.ml import >= 2): every op used here means the same in the later
+opsets, so the version is set, not converted. The caller adds both imports to the model.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import onnx
-from onnx import parser
+import onnx.inliner
+from onnx import helper, numpy_helper
+from onnxscript import DOUBLE, FLOAT, INT64, script
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.ops.reference import VAR_EPS
+from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, OPSET_VERSION, SCHEMAS, TOKEN_SHIFT
 
 MIN_OPSET = 18
 ML_DOMAIN = "ai.onnx.ml"
 ML_OPSET = 2
 
-# Shared pieces of the bodies (ONNX text format). X32 = float32 X; K [1]; lead = Shape(X)[:-1].
-_PRELUDE = """
-  X32 = Cast <to = 1> (X)
-  K = Shape <start = -1> (X32)
-  lead = Shape <end = -1> (X32)
-  xshape = Shape (X32)
-  one = Constant <value = int64[1] {1}> ()
-  zero_i = Constant <value = int64[1] {0}> ()
-  last = Constant <value = int64[1] {-1}> ()
-  axis0 = Constant <value = int64[1] {0}> ()
-  f0 = Constant <value = float {0}> ()
-  f1 = Constant <value = float {1}> ()
-  fnan = Constant <value = float {nan}> ()
-  finf = Constant <value = float[1] {inf}> ()
-  Tn = ReduceProd <keepdims = 1> (lead)
-  shape2 = Concat <axis = 0> (Tn, K)
-  X2 = Reshape <allowzero = 1> (X32, shape2)
-  z11 = Constant <value = float[1,1] {0}> ()
-  z11t = CastLike (z11, X)
-"""
+_OPS = Opset(DOMAIN, OPSET_VERSION)
+_PIECES = Opset(f"{DOMAIN}.body", 1)  # shared pieces of the bodies; inlined away by function_protos
+_ml = Opset(ML_DOMAIN, ML_OPSET)
 
-# Optional per-feature vector `{name}` of length `{length}` as float32 [{length}], `{default}` when absent.
-_OPTIONAL = """
-  has_{name} = OptionalHasElement ({name})
-  shape_{name} = Concat <axis = 0> (one, {length})
-  z_{name} = Expand (z11t, shape_{name})
-  v0_{name} = Gemm (z11t, z_{name}, {name})
-  v1_{name} = Cast <to = 1> (v0_{name})
-  v2_{name} = Reshape <allowzero = 1> (v1_{name}, {length})
-  {name}32 = Where (has_{name}, v2_{name}, {default})
-"""
+# String attributes as LabelEncoder keys, their codes in table order (schemas.py).
+CRITERIA = list(SCHEMAS[NM_MASK].attribute("criterion").choices)
+MODES = list(SCHEMAS[TOKEN_SHIFT].attribute("mode").choices)
+SHIFTS = list(SCHEMAS[NM_SPARSE_MATMUL].attribute("shift").choices)
+CRITERIA_CODES, MODE_CODES, SHIFT_CODES = (list(range(len(keys))) for keys in (CRITERIA, MODES, SHIFTS))
+CLACT, MEDIAN, MEAN = CRITERIA.index("clact"), SHIFTS.index("median"), SHIFTS.index("mean")
+MODE_MEDIAN = MODES.index("median")
 
-# Per-row lower median `med` [T, 1] and float64 mean `mean` [T, 1] of X2 [T, K] (K = 0 gives 0).
-_SHIFTS = """
-  two = Constant <value = int64[1] {2}> ()
-  km1 = Sub (K, one)
-  r = Div (km1, two)
-  r_nonneg = Max (r, zero_i)
-  kk = Add (r_nonneg, one)
-  pad_shape = Concat <axis = 0> (Tn, one)
-  pad = Expand (finf, pad_shape)
-  Xpad = Concat <axis = -1> (X2, pad)
-  small, small_idx = TopK <largest = 0, sorted = 1, axis = -1> (Xpad, kk)
-  r_end = Add (r_nonneg, one)
-  med_raw = Slice (small, r_nonneg, r_end, last)
-  nan_mask = IsNaN (X2)
-  nan_f = Cast <to = 1> (nan_mask)
-  nan_count = ReduceSum <keepdims = 1> (nan_f, last)
-  has_nan = Greater (nan_count, f0)
-  med_nan = Where (has_nan, fnan, med_raw)
-  k_pos = Greater (K, zero_i)
-  med_k = Where (k_pos, med_nan, f0)
-  med = Add (med_k, f0)
-  X64 = Cast <to = 11> (X2)
-  sum64 = ReduceSum <keepdims = 1> (X64, last)
-  K64 = Cast <to = 11> (K)
-  one64 = Constant <value = double {1}> ()
-  Kdiv = Max (K64, one64)
-  mean64 = Div (sum64, Kdiv)
-  mean = Cast <to = 1> (mean64)
-"""
-
-# N:M keep mask `keep` [T, K] of float32 scores S2 [T, K].
-_SELECT = """
-  Mv = Constant <value_int: int = @m> ()
-  Nv = Constant <value_int: int = @n> ()
-  M1 = Reshape <allowzero = 1> (Mv, one)
-  G = Div (K, M1)
-  gshape = Concat <axis = 0> (Tn, G, M1)
-  Sg = Reshape <allowzero = 1> (S2, gshape)
-  ax_m1 = Constant <value = int64[1] {-1}> ()
-  ax_m2 = Constant <value = int64[1] {-2}> ()
-  Sa = Unsqueeze (Sg, ax_m1)
-  Sb = Unsqueeze (Sg, ax_m2)
-  a_nan = IsNaN (Sa)
-  b_nan = IsNaN (Sb)
-  a_num = Not (a_nan)
-  gt = Greater (Sb, Sa)
-  nan_beats = And (b_nan, a_num)
-  better = Or (gt, nan_beats)
-  eq = Equal (Sb, Sa)
-  both_nan = And (b_nan, a_nan)
-  same = Or (eq, both_nan)
-  i0 = Constant <value = int64 {0}> ()
-  i1 = Constant <value = int64 {1}> ()
-  idx = Range (i0, Mv, i1)
-  idx_row = Unsqueeze (idx, axis0)
-  idx_col = Unsqueeze (idx, one)
-  lower = Less (idx_row, idx_col)
-  tie_win = And (same, lower)
-  beats = Or (better, tie_win)
-  beats_i = Cast <to = 7> (beats)
-  rank = ReduceSum <keepdims = 0> (beats_i, ax_m1)
-  keep_g = Less (rank, Nv)
-  keep = Reshape <allowzero = 1> (keep_g, shape2)
-"""
+# Constants the bodies read (onnxscript turns these module values into Constant nodes; int64 vectors are
+# written as local `op.Constant(value_ints=...)`, since a module-level list would get a CastLike).
+INF = float("inf")
+NAN = float("nan")
+ZERO_1x1 = numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero_1x1")  # Gemm wants 2-D operands
+ONE64 = numpy_helper.from_array(np.array(1.0, np.float64), "one64")
+VAR_EPS64 = numpy_helper.from_array(np.array(VAR_EPS, np.float64), "var_eps64")
 
 
-def _nm_mask(opset: int) -> str:
-    return f"""
-<domain: "{DOMAIN}", opset_import: ["" : {opset}, "{ML_DOMAIN}" : {ML_OPSET}]>
-NMMask <n, m, criterion: string = "magnitude"> (X, channel_scale) => (Y) {{
-{_PRELUDE}
-{_OPTIONAL.format(name="channel_scale", length="K", default="f1")}
-  crit_s = Constant <value_string: string = @criterion> ()
-  crit = {ML_DOMAIN}.LabelEncoder <keys_strings = ["magnitude", "clact"], values_int64s = [0, 1], default_int64 = 0> (crit_s)
-  i_one = Constant <value = int64 {{1}}> ()
-  is_clact = Equal (crit, i_one)
-  X64c = Cast <to = 11> (X2)
-  sq64 = Mul (X64c, X64c)
-  colsq = ReduceSum <keepdims = 0> (sq64, axis0)
-  col64 = Sqrt (colsq)
-  col32 = Cast <to = 1> (col64)
-  colf = Where (is_clact, col32, f1)
-  A2 = Abs (X2)
-  S1 = Mul (A2, channel_scale32)
-  S2 = Mul (S1, colf)
-{_SELECT}
-  zt = CastLike (f0, X)
-  keep_x = Reshape <allowzero = 1> (keep, xshape)
-  Y0 = Where (keep_x, X, zt)
-  # ORT's Where turns a selected -0 into +0: multiply kept -0 entries by -1 to restore the sign.
-  is_zero = Equal (X32, f0)
-  inv = Div (f1, X32)
-  inv_neg = Less (inv, f0)
-  neg_zero = And (is_zero, inv_neg)
-  kept_neg_zero = And (neg_zero, keep_x)
-  fm1 = Constant <value = float {{-1}}> ()
-  sgn = Where (kept_neg_zero, fm1, f1)
-  sgn_t = CastLike (sgn, X)
-  Y = Mul (Y0, sgn_t)
-}}
-"""
+@script(_PIECES, default_opset=op)
+def rows(X):
+    """X [..., K] as float32 rows X2 [T, K], with T and K as int64 [1]."""
+    X32 = op.Cast(X, to=FLOAT.dtype)
+    K = op.Shape(X32, start=-1)
+    T = op.ReduceProd(op.Shape(X32, end=-1), keepdims=1)
+    X2 = op.Reshape(X32, op.Concat(T, K, axis=0), allowzero=1)
+    return X2, T, K
 
 
-def _token_shift(opset: int) -> str:
-    return f"""
-<domain: "{DOMAIN}", opset_import: ["" : {opset}, "{ML_DOMAIN}" : {ML_OPSET}]>
-TokenShift <mode: string = "median"> (X) => (Xc, eta) {{
-{_PRELUDE}
-{_SHIFTS}
-  mode_s = Constant <value_string: string = @mode> ()
-  code = {ML_DOMAIN}.LabelEncoder <keys_strings = ["median", "mean"], values_int64s = [0, 1], default_int64 = 0> (mode_s)
-  i_zero = Constant <value = int64 {{0}}> ()
-  is_median = Equal (code, i_zero)
-  eta2 = Where (is_median, med, mean)
-  Xc2 = Sub (X2, eta2)
-  Xc32 = Reshape <allowzero = 1> (Xc2, xshape)
-  eshape = Concat <axis = 0> (lead, one)
-  eta32 = Reshape <allowzero = 1> (eta2, eshape)
-  Xc = CastLike (Xc32, X)
-  eta = CastLike (eta32, X)
-}}
-"""
+@script(_PIECES, default_opset=op)
+def optional_vector(v, like, length, default):
+    """Optional input v [length] (dtype of `like`) as float32 [length], `default` when absent; and
+    whether it is present. Gemm's optional C input reads v, or nothing when v is omitted."""
+    z = op.CastLike(op.Constant(value=ZERO_1x1), like)
+    zeros = op.Expand(z, op.Concat(op.Constant(value_ints=[1]), length, axis=0))
+    value = op.Reshape(op.Cast(op.Gemm(z, zeros, v), to=FLOAT.dtype), length, allowzero=1)
+    present = op.OptionalHasElement(v)
+    out = op.Where(present, value, default)
+    return out, present
 
 
-def _nm_sparse_matmul(opset: int) -> str:
-    return f"""
-<domain: "{DOMAIN}", opset_import: ["" : {opset}, "{ML_DOMAIN}" : {ML_OPSET}]>
-NMSparseMatMul <n, m, shift: string = "none", variance_correction: int = 0>
-    (X, B, channel_scale, shift_bias, bias) => (Y) {{
-{_PRELUDE}
-  B32 = Cast <to = 1> (B)
-  Bshape = Shape (B32)
-  O = Shape <start = -1> (B32)
-{_OPTIONAL.format(name="channel_scale", length="K", default="f1")}
-{_OPTIONAL.format(name="shift_bias", length="O", default="f0")}
-{_OPTIONAL.format(name="bias", length="O", default="f0")}
-{_SHIFTS}
-  shift_s = Constant <value_string: string = @shift> ()
-  code = {ML_DOMAIN}.LabelEncoder <keys_strings = ["none", "median", "mean"], values_int64s = [0, 1, 2], default_int64 = 0> (shift_s)
-  c1 = Constant <value = int64 {{1}}> ()
-  c2 = Constant <value = int64 {{2}}> ()
-  is_med = Equal (code, c1)
-  is_mean = Equal (code, c2)
-  eta_mean = Where (is_mean, mean, f0)
-  eta_sel = Where (is_med, med, eta_mean)
-  is_none = Equal (code, zero_i)
-  eta = Where (is_none, f0, eta_sel)
-  Xs = Sub (X2, eta)
-  A2 = Abs (Xs)
-  S2 = Mul (A2, channel_scale32)
-{_SELECT}
-  Xh = Where (keep, Xs, f0)
-  Z = MatMul (Xh, B32)
-  eta_sb = Mul (eta, shift_bias32)
-  Zs_add = Add (Z, eta_sb)
-  Zs = Where (has_shift_bias, Zs_add, Z)
-  vc_i = Constant <value_int: int = @variance_correction> ()
-  vc = Equal (vc_i, c1)
-  X64v = Cast <to = 11> (X2)
-  H64 = Cast <to = 11> (Xh)
-  vx = {DOMAIN}_var (X64v)
-  vh = {DOMAIN}_var (H64)
-  eps = Constant <value = double {{1e-9}}> ()
-  vh_c = Max (vh, eps)
-  ratio = Div (vx, vh_c)
-  v64 = Sqrt (ratio)
-  v32 = Cast <to = 1> (v64)
-  K_lt2 = Less (K, two)
-  v = Where (K_lt2, f1, v32)
-  Zv_mul = Mul (Zs, v)
-  Zv = Where (vc, Zv_mul, Zs)
-  Zb_add = Add (Zv, bias32)
-  Zb = Where (has_bias, Zb_add, Zv)
-  yshape = Concat <axis = 0> (lead, O)
-  Y32 = Reshape <allowzero = 1> (Zb, yshape)
-  Y = CastLike (Y32, X)
-}}
-"""
+@script(_PIECES, default_opset=op)
+def row_shifts(X2, T, K):
+    """Lower median and mean of every row of float32 X2 [T, K], both float32 [T, 1]; 0 when K = 0.
+
+    Median: TopK's (K-1)//2 + 1 smallest of the row padded with +inf, NaN when the row holds a NaN,
+    -0 returned as +0. Mean: float64 sum divided by K."""
+    f0 = op.Constant(value_float=0.0)
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    last = op.Constant(value_ints=[-1])
+    r = op.Max(op.Div(op.Sub(K, one), op.Constant(value_ints=[2])), zero)
+    r_end = op.Add(r, one)
+    pad = op.Expand(op.Constant(value_floats=[INF]), op.Concat(T, one, axis=0))
+    smallest, _smallest_idx = op.TopK(op.Concat(X2, pad, axis=-1), r_end, largest=0, sorted=1, axis=-1)
+    med_raw = op.Slice(smallest, r, r_end, last)
+    nan_count = op.ReduceSum(op.Cast(op.IsNaN(X2), to=FLOAT.dtype), last, keepdims=1)
+    med_nan = op.Where(op.Greater(nan_count, f0), op.Constant(value_float=NAN), med_raw)
+    med = op.Add(op.Where(op.Greater(K, zero), med_nan, f0), f0)  # + 0 turns -0 into +0
+    sum64 = op.ReduceSum(op.Cast(X2, to=DOUBLE.dtype), last, keepdims=1)
+    one64 = op.Constant(value=ONE64)
+    mean = op.Cast(op.Div(sum64, op.Max(op.Cast(K, to=DOUBLE.dtype), one64)), to=FLOAT.dtype)
+    return med, mean
 
 
-def _variance_inline(body: str) -> str:
-    """Expand `out = nm_onnx_var (in)` into the unbiased variance along the last axis (float64, [T, 1])."""
-    lines = []
-    for line in body.splitlines():
-        stripped = line.strip()
-        if f"{DOMAIN}_var" in stripped:
-            out, arg = stripped.split("=", 1)
-            out = out.strip()
-            src = arg.split("(")[1].split(")")[0].strip()
-            lines += [
-                f"  {out}_mean = ReduceMean <keepdims = 1> ({src}, last)",
-                f"  {out}_d = Sub ({src}, {out}_mean)",
-                f"  {out}_d2 = Mul ({out}_d, {out}_d)",
-                f"  {out}_ss = ReduceSum <keepdims = 1> ({out}_d2, last)",
-                f"  {out}_km1 = Sub (K64, one64)",
-                f"  {out}_den = Max ({out}_km1, one64)",
-                f"  {out} = Div ({out}_ss, {out}_den)",
-            ]
-        else:
-            lines.append(line)
-    return "\n".join(lines)
+@script(_PIECES, default_opset=op)
+def keep_mask(S2, T, K, n: int, m: int):
+    """N:M keep mask (bool [T, K]) of float32 scores S2 [T, K] under the tie and NaN rules."""
+    Mv = op.Constant(value_int=m)
+    Nv = op.Constant(value_int=n)
+    axis0 = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    last = op.Constant(value_ints=[-1])
+    M1 = op.Reshape(Mv, one)
+    Sg = op.Reshape(S2, op.Concat(T, op.Div(K, M1), M1, axis=0), allowzero=1)
+    Sa = op.Unsqueeze(Sg, last)  # entry j on axis -2
+    Sb = op.Unsqueeze(Sg, op.Constant(value_ints=[-2]))  # competitor i on axis -1
+    a_nan = op.IsNaN(Sa)
+    b_nan = op.IsNaN(Sb)
+    better = op.Or(op.Greater(Sb, Sa), op.And(b_nan, op.Not(a_nan)))
+    same = op.Or(op.Equal(Sb, Sa), op.And(b_nan, a_nan))
+    idx = op.Range(op.Constant(value_int=0), Mv, op.Constant(value_int=1))
+    lower = op.Less(op.Unsqueeze(idx, axis0), op.Unsqueeze(idx, one))  # [j, i]: i < j
+    beats = op.Or(better, op.And(same, lower))
+    rank = op.ReduceSum(op.Cast(beats, to=INT64.dtype), last, keepdims=0)
+    keep = op.Reshape(op.Less(rank, Nv), op.Concat(T, K, axis=0), allowzero=1)
+    return keep
+
+
+@script(_PIECES, default_opset=op)
+def variance(X64, K64):
+    """Unbiased variance of every row of float64 X64 [T, K] ([T, 1]; divisor max(K - 1, 1))."""
+    last = op.Constant(value_ints=[-1])
+    d = op.Sub(X64, op.ReduceMean(X64, last, keepdims=1))
+    ss = op.ReduceSum(op.Mul(d, d), last, keepdims=1)
+    one64 = op.Constant(value=ONE64)
+    var = op.Div(ss, op.Max(op.Sub(K64, one64), one64))
+    return var
+
+
+@script(_PIECES, default_opset=op)
+def kept_rows_matmul(Xh, keep, B32, T, K, O, n: int, m: int):
+    """sum over the kept k of Xh[t, k] * B32[k, :], float32 [T, O], reading only the kept rows of B.
+
+    NonZero lists the kept columns row by row in ascending order, exactly K/m*n per row; each token
+    gathers its rows of B ([T, kept, O]) and multiplies them by its kept values."""
+    kept = op.Mul(
+        op.Div(K, op.Reshape(op.Constant(value_int=m), op.Constant(value_ints=[1]))), op.Constant(value_int=n)
+    )
+    cols = op.Gather(op.NonZero(keep), op.Constant(value_int=1), axis=0)
+    idx = op.Reshape(cols, op.Concat(T, kept, axis=0), allowzero=1)
+    xk = op.Unsqueeze(op.GatherElements(Xh, idx, axis=1), op.Constant(value_ints=[-2]))  # [T, 1, kept]
+    z = op.Reshape(op.MatMul(xk, op.Gather(B32, idx, axis=0)), op.Concat(T, O, axis=0), allowzero=1)
+    return z
+
+
+@script(_OPS, default_opset=op)
+def TokenShift(X, mode: str = "median"):
+    X2, T, K = rows(X)
+    med, mean = row_shifts(X2, T, K)
+    code = _ml.LabelEncoder(
+        op.Constant(value_string=mode), keys_strings=MODES, values_int64s=MODE_CODES, default_int64=0
+    )
+    eta2 = op.Where(op.Equal(code, op.Constant(value_int=MODE_MEDIAN)), med, mean)
+    Xc = op.CastLike(op.Reshape(op.Sub(X2, eta2), op.Shape(X), allowzero=1), X)
+    eta_shape = op.Concat(op.Shape(X, end=-1), op.Constant(value_ints=[1]), axis=0)
+    eta = op.CastLike(op.Reshape(eta2, eta_shape, allowzero=1), X)
+    return Xc, eta
+
+
+@script(_OPS, default_opset=op)
+def NMMask(X, channel_scale, n: int, m: int, criterion: str = "magnitude"):
+    f0 = op.Constant(value_float=0.0)
+    f1 = op.Constant(value_float=1.0)
+    X2, T, K = rows(X)
+    scale, _has_scale = optional_vector(channel_scale, X, K, f1)
+    crit = _ml.LabelEncoder(
+        op.Constant(value_string=criterion),
+        keys_strings=CRITERIA,
+        values_int64s=CRITERIA_CODES,
+        default_int64=0,
+    )
+    X64 = op.Cast(X2, to=DOUBLE.dtype)
+    col = op.Cast(
+        op.Sqrt(op.ReduceSum(op.Mul(X64, X64), op.Constant(value_ints=[0]), keepdims=0)), to=FLOAT.dtype
+    )
+    colf = op.Where(op.Equal(crit, op.Constant(value_int=CLACT)), col, f1)
+    S2 = op.Mul(op.Mul(op.Abs(X2), scale), colf)
+    keep = op.Reshape(keep_mask(S2, T, K, n=n, m=m), op.Shape(X), allowzero=1)
+    Y0 = op.Where(keep, X, op.CastLike(f0, X))
+    # ORT's Where turns a selected -0 into +0: multiply kept -0 entries by -1 to restore the sign.
+    X32 = op.Cast(X, to=FLOAT.dtype)
+    neg_zero = op.And(op.Equal(X32, f0), op.Less(op.Div(f1, X32), f0))
+    sign = op.Where(op.And(neg_zero, keep), op.Constant(value_float=-1.0), f1)
+    Y = op.Mul(Y0, op.CastLike(sign, X))
+    return Y
+
+
+@script(_OPS, default_opset=op)
+def NMSparseMatMul(
+    X, B, channel_scale, shift_bias, bias, n: int, m: int, shift: str = "none", variance_correction: int = 0
+):
+    f0 = op.Constant(value_float=0.0)
+    f1 = op.Constant(value_float=1.0)
+    X2, T, K = rows(X)
+    B32 = op.Cast(B, to=FLOAT.dtype)
+    O = op.Shape(B32, start=-1)
+    scale, _has_scale = optional_vector(channel_scale, X, K, f1)
+    sb, has_shift_bias = optional_vector(shift_bias, X, O, f0)
+    bi, has_bias = optional_vector(bias, X, O, f0)
+    med, mean = row_shifts(X2, T, K)
+    code = _ml.LabelEncoder(
+        op.Constant(value_string=shift), keys_strings=SHIFTS, values_int64s=SHIFT_CODES, default_int64=0
+    )
+    eta_mean = op.Where(op.Equal(code, op.Constant(value_int=MEAN)), mean, f0)
+    eta = op.Where(op.Equal(code, op.Constant(value_int=MEDIAN)), med, eta_mean)
+    Xs = op.Sub(X2, eta)
+    keep = keep_mask(op.Mul(op.Abs(Xs), scale), T, K, n=n, m=m)
+    Xh = op.Where(keep, Xs, f0)
+    nonfinite = op.IsNaN(op.ReduceSum(op.Mul(B32, f0), keepdims=0))  # B holds an inf or a NaN
+    if nonfinite:
+        Z = kept_rows_matmul(Xh, keep, B32, T, K, O, n=n, m=m)
+    else:
+        Z = op.MatMul(Xh, B32)
+    Zs = op.Where(has_shift_bias, op.Add(Z, op.Mul(eta, sb)), Z)
+    K64 = op.Cast(K, to=DOUBLE.dtype)
+    vx = variance(op.Cast(X2, to=DOUBLE.dtype), K64)
+    vh = variance(op.Cast(Xh, to=DOUBLE.dtype), K64)
+    v32 = op.Cast(op.Sqrt(op.Div(vx, op.Max(vh, op.Constant(value=VAR_EPS64)))), to=FLOAT.dtype)
+    v = op.Where(op.Less(K, op.Constant(value_ints=[2])), f1, v32)
+    vc = op.Equal(op.Constant(value_int=variance_correction), op.Constant(value_int=1))
+    Zv = op.Where(vc, op.Mul(Zs, v), Zs)
+    Zb = op.Where(has_bias, op.Add(Zv, bi), Zv)
+    Y = op.CastLike(op.Reshape(Zb, op.Concat(op.Shape(X, end=-1), O, axis=0), allowzero=1), X)
+    return Y
+
+
+_BODIES = (TokenShift, NMMask, NMSparseMatMul)
+_PIECE_FUNCTIONS = (rows, optional_vector, row_shifts, keep_mask, variance, kept_rows_matmul)
+
+
+def _check_signature(fn: onnx.FunctionProto) -> None:
+    """The body's inputs, outputs and attributes (with defaults) are the op table's."""
+    schema = SCHEMAS[fn.name]
+    defaults = {a.name: helper.get_attribute_value(a) for a in fn.attribute_proto}
+    declared = {name: None for name in fn.attribute} | {
+        k: v.decode() if isinstance(v, bytes) else v for k, v in defaults.items()
+    }
+    expected = {a.name: a.default for a in schema.attributes}
+    if (tuple(fn.input), tuple(fn.output), declared) != (schema.input_names, schema.outputs, expected):
+        raise AssertionError(
+            f"the function body of {fn.name} does not match its schema in nm_onnx/ops/schemas.py"
+        )
+
+
+@functools.cache
+def _inlined() -> tuple[bytes, ...]:
+    """The three bodies with the shared pieces inlined (at opset 18, the version they are written in)."""
+    pieces = [f.to_function_proto() for f in _PIECE_FUNCTIONS]
+    holder = helper.make_model(
+        helper.make_graph([], "holder", [], []),
+        opset_imports=[helper.make_opsetid("", MIN_OPSET)],
+        functions=[f.to_function_proto() for f in _BODIES] + pieces,
+    )
+    holder = onnx.inliner.inline_selected_functions(holder, [(p.domain, p.name) for p in pieces])
+    for fn in holder.functions:
+        _check_signature(fn)
+    return tuple(fn.SerializeToString() for fn in holder.functions)
 
 
 def function_protos(opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
@@ -271,8 +289,8 @@ def function_protos(opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
             f"nm_onnx function decompositions need default-domain opset >= {MIN_OPSET} (got {opset}); "
             "convert the model with onnx.version_converter or export it with opset >= 18"
         )
-    return [
-        parser.parse_function(_token_shift(opset)),
-        parser.parse_function(_nm_mask(opset)),
-        parser.parse_function(_variance_inline(_nm_sparse_matmul(opset))),
-    ]
+    protos = [onnx.FunctionProto.FromString(b) for b in _inlined()]
+    for fn in protos:
+        del fn.opset_import[:]
+        fn.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(ML_DOMAIN, ML_OPSET)])
+    return protos

@@ -12,22 +12,35 @@ Contract details fixed here (and in docs/ops.md):
 - median: lower median (sorted row, index (K-1)//2); NaN if the row has a NaN; -0 is returned as +0.
   mean: float64 sum in index order / K, rounded to float32. K == 0 gives eta = 0.
 - variance correction: v = sqrt(var(x) / max(var(xh), 1e-9)), unbiased (K-1), float64; v = 1 when K < 2.
+- NMSparseMatMul's product sums xh_tk * B[k, :] over the kept k only (IEEE on those terms), so an inf
+  or NaN in a pruned row of B never reaches the output, as in the kernels, which never read those rows.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.ops.schemas import (
+    CPU,
+    DTYPES,
+    NM_MASK,
+    NM_SPARSE_MATMUL,
+    SCHEMAS,
+    TOKEN_SHIFT,
+    cast_hint,
+    check_choice,
+    text,
+)
 
-CRITERIA = ("magnitude", "clact")
-SHIFT_MODES = ("median", "mean")
-SHIFTS = ("none", "median", "mean")
-SUPPORTED_DTYPES = (np.float32, np.float16)
+_text = text  # a string attribute (bytes from onnx) as str
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+CRITERIA = SCHEMAS[NM_MASK].attribute("criterion").choices
+SHIFT_MODES = SCHEMAS[TOKEN_SHIFT].attribute("mode").choices
+SHIFTS = SCHEMAS[NM_SPARSE_MATMUL].attribute("shift").choices
+VAR_EPS = 1e-9  # floor of the pruned row's variance in the variance correction
+SUPPORTED_DTYPES = tuple(helper.tensor_dtype_to_np_dtype(t) for t in DTYPES[CPU])
 
 
 def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndarray:
@@ -35,8 +48,7 @@ def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndar
     x = np.asarray(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise NmOnnxError(
-            f"{op}: input {name} has dtype {x.dtype}, which is not supported; "
-            "cast it to float32 or float16 (bfloat16 runs on CUDA only)"
+            f"{op}: input {name} has dtype {x.dtype}, which is not supported; cast it to {cast_hint()}"
         )
     if x.ndim < min_rank:
         raise NmOnnxError(
@@ -44,6 +56,11 @@ def check_input(op: str, name: str, x: np.ndarray, min_rank: int = 1) -> np.ndar
             "last axis (reshape a scalar to [1])"
         )
     return x
+
+
+def check_attribute(op: str, name: str, value):
+    """`value` of attribute `name` of `op`, checked against the op table (strings come back as str)."""
+    return check_choice(op, SCHEMAS[op].attribute(name), value)
 
 
 def check_pattern(op: str, n: int, m: int, k: int | None = None) -> None:
@@ -62,12 +79,13 @@ def check_pattern(op: str, n: int, m: int, k: int | None = None) -> None:
         )
 
 
-def check_vector(op: str, name: str, v, length: int, what: str) -> np.ndarray | None:
-    """Validate an optional 1-D per-feature input of the given length."""
+def check_vector(op: str, name: str, v, length: int) -> np.ndarray | None:
+    """Validate an optional 1-D input of `op` (channel_scale, shift_bias, bias) of the given length."""
     if v is None:
         return None
     v = check_input(op, name, v)
     if v.ndim != 1 or v.shape[0] != length:
+        what = SCHEMAS[op].input(name).what
         raise NmOnnxError(
             f"{op}: input {name} has shape {list(v.shape)}; it must be 1-D of length {length} ({what})"
         )
@@ -130,14 +148,12 @@ def _scores(x2: np.ndarray, criterion: str, channel_scale: np.ndarray | None) ->
 
 def nm_keep_mask(x, n: int, m: int, criterion: str = "magnitude", channel_scale=None) -> np.ndarray:
     """Boolean keep mask (same shape as x) of the N:M selection of NMMask."""
-    op = "NMMask"
+    op = NM_MASK
     x = check_input(op, "X", x)
-    criterion = _text(criterion)
-    if criterion not in CRITERIA:
-        raise NmOnnxError(f"{op}: attribute criterion={criterion!r} is unknown; use one of {CRITERIA}")
+    criterion = check_attribute(op, "criterion", criterion)
     k = x.shape[-1]
     check_pattern(op, n, m, k)
-    cs = check_vector(op, "channel_scale", channel_scale, k, "one factor per input feature")
+    cs = check_vector(op, "channel_scale", channel_scale, k)
     x2 = _rows(x)
     return keep_from_scores(_scores(x2, criterion, cs), int(n), int(m)).reshape(x.shape)
 
@@ -167,11 +183,9 @@ def row_shift(x2: np.ndarray, mode: str) -> np.ndarray:
 
 def token_shift(x, mode: str = "median") -> tuple[np.ndarray, np.ndarray]:
     """TokenShift: (x - eta, eta) with eta [..., 1] the per-token lower median or mean."""
-    op = "TokenShift"
+    op = TOKEN_SHIFT
     x = check_input(op, "X", x)
-    mode = _text(mode)
-    if mode not in SHIFT_MODES:
-        raise NmOnnxError(f"{op}: attribute mode={mode!r} is unknown; use one of {SHIFT_MODES}")
+    mode = check_attribute(op, "mode", mode)
     x2 = _rows(x)
     eta = row_shift(x2, mode)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -187,7 +201,7 @@ def variance_scale(x2: np.ndarray, xh: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         vx = np.var(x2.astype(np.float64), axis=-1, ddof=1)
         vh = np.var(xh.astype(np.float64), axis=-1, ddof=1)
-        return np.sqrt(vx / np.maximum(vh, 1e-9)).astype(np.float32)
+        return np.sqrt(vx / np.maximum(vh, VAR_EPS)).astype(np.float32)
 
 
 def nm_sparse_matmul(
@@ -201,15 +215,15 @@ def nm_sparse_matmul(
     shift_bias=None,
     bias=None,
 ) -> np.ndarray:
-    """NMSparseMatMul: v_t * (P(x_t - eta_t) @ B + eta_t * shift_bias) + bias (see docs/ops.md)."""
-    op = "NMSparseMatMul"
+    """NMSparseMatMul: v_t * (P(x_t - eta_t) @ B + eta_t * shift_bias) + bias (see docs/ops.md).
+
+    The product sums over the kept entries only: an inf or NaN in a pruned row of B never reaches y.
+    """
+    op = NM_SPARSE_MATMUL
     x = check_input(op, "X", x)
     b = check_input(op, "B", b)
-    shift = _text(shift)
-    if shift not in SHIFTS:
-        raise NmOnnxError(f"{op}: attribute shift={shift!r} is unknown; use one of {SHIFTS}")
-    if int(variance_correction) not in (0, 1):
-        raise NmOnnxError(f"{op}: attribute variance_correction={variance_correction} must be 0 or 1")
+    shift = check_attribute(op, "shift", shift)
+    variance_correction = check_attribute(op, "variance_correction", int(variance_correction))
     if b.ndim != 2:
         raise NmOnnxError(f"{op}: input B has rank {b.ndim}; it must be the [K, O] MatMul weight (rank 2)")
     k = x.shape[-1]
@@ -221,14 +235,14 @@ def nm_sparse_matmul(
         raise NmOnnxError(f"{op}: input B has dtype {b.dtype} but X has {x.dtype}; cast B to {x.dtype}")
     check_pattern(op, n, m, k)
     o = b.shape[1]
-    cs = check_vector(op, "channel_scale", channel_scale, k, "one factor per input feature")
-    sb = check_vector(op, "shift_bias", shift_bias, o, "column sums of B, one per output")
-    bi = check_vector(op, "bias", bias, o, "one per output")
+    cs = check_vector(op, "channel_scale", channel_scale, k)
+    sb = check_vector(op, "shift_bias", shift_bias, o)
+    bi = check_vector(op, "bias", bias, o)
 
     x2 = _rows(x)
-    eta, xh, v = sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
+    eta, keep, xh, v = _sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
     with np.errstate(invalid="ignore", over="ignore"):
-        z = (xh.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+        z = kept_rows_matmul(xh, keep, b).astype(np.float32)
         if sb is not None:
             z = z + eta[:, None] * sb
         if int(variance_correction):
@@ -241,10 +255,34 @@ def nm_sparse_matmul(
 
 def sparse_matmul_parts(x2, n, m, shift="none", variance_correction=0, channel_scale=None):
     """(eta [T], xh [T, K], v [T]) of NMSparseMatMul for float32 rows x2 [T, K] (v = 1 without correction)."""
+    eta, _, xh, v = _sparse_matmul_parts(x2, n, m, shift, variance_correction, channel_scale)
+    return eta, xh, v
+
+
+def _sparse_matmul_parts(x2, n, m, shift, variance_correction, channel_scale):
+    """(eta, keep, xh, v): sparse_matmul_parts with the keep mask [T, K]."""
     eta = np.zeros(x2.shape[0], dtype=np.float32) if shift == "none" else row_shift(x2, shift)
     with np.errstate(invalid="ignore", over="ignore"):
         xs = x2 - eta[:, None]
         keep = keep_from_scores(_scores(xs, "magnitude", channel_scale), int(n), int(m))
         xh = np.where(keep, xs, np.float32(0))
     v = variance_scale(x2, xh) if int(variance_correction) else np.ones(x2.shape[0], dtype=np.float32)
-    return eta, xh, v
+    return eta, keep, xh, v
+
+
+def kept_rows_matmul(xh: np.ndarray, keep: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """z[t] = sum over the kept k of xh[t, k] * B[k, :], in float64 [T, O]; pruned rows of B are not read.
+
+    IEEE arithmetic on the kept terms only (a kept 0 times inf is NaN), like the kernels. When B is
+    finite the dense product is exact (a pruned entry is +0 and 0 * finite adds nothing); otherwise
+    each row multiplies its kept rows of B elementwise (no BLAS, which may skip zero factors).
+    """
+    b64 = b.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(b64).all():
+            return xh.astype(np.float64) @ b64
+        z = np.empty((xh.shape[0], b.shape[1]), dtype=np.float64)
+        for t, (row, kept) in enumerate(zip(xh, keep)):
+            k = np.flatnonzero(kept)
+            z[t] = (row[k, None].astype(np.float64) * b64[k]).sum(axis=0)
+    return z

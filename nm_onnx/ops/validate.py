@@ -2,7 +2,8 @@
 
 ORT rejects an unsupported input dtype with a generic type error from deep inside its graph
 resolver; `check_model` finds those problems first and raises NmOnnxError naming the node, the op,
-the input and the fix. It also checks the attributes (n, m, criterion, shift, mode, ...).
+the input and the fix. It also checks the node's inputs and attributes (n, m, criterion, shift,
+mode, ...). Everything it checks is read from the op table in `schemas.py`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,9 @@ import onnx
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.ops import reference as ref
-from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, TOKEN_SHIFT
+from nm_onnx.ops.schemas import CPU, CUDA, DOMAIN, DTYPES, SCHEMAS, cast_hint, dtype_name
 
-INPUT_NAMES = {
-    TOKEN_SHIFT: ["X"],
-    NM_MASK: ["X", "channel_scale"],
-    NM_SPARSE_MATMUL: ["X", "B", "channel_scale", "shift_bias", "bias"],
-}
-CPU_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-CUDA_TYPES = CPU_TYPES | {onnx.TensorProto.BFLOAT16}
+_ATTRIBUTE_TYPES = {"int": onnx.AttributeProto.INT, "string": onnx.AttributeProto.STRING}
 
 
 def _known_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -35,43 +30,49 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+def _check_inputs(label: str, schema, node: onnx.NodeProto, types: dict, provider: str) -> None:
+    names = schema.input_names
+    if len(node.input) > len(names):
+        raise NmOnnxError(
+            f"{label}: the node has {len(node.input)} inputs; {schema.name} takes at most {len(names)} "
+            f"({', '.join(names)})"
+        )
+    for i, spec in enumerate(schema.inputs):
+        value = node.input[i] if i < len(node.input) else ""
+        if not value:
+            if not spec.optional:
+                raise NmOnnxError(f"{label}: input {spec.name} is missing; it is required")
+            continue
+        t = types.get(value)
+        if t is not None and t not in DTYPES[provider]:
+            raise NmOnnxError(
+                f"{label}: input {spec.name} ('{value}') has dtype {dtype_name(t)}; cast it to {cast_hint(provider)}"
+            )
+
+
+def _check_attributes(label: str, schema, node: onnx.NodeProto) -> None:
+    given = {}
+    for a in node.attribute:
+        spec = next((s for s in schema.attributes if s.name == a.name), None)
+        if spec is not None and a.type != _ATTRIBUTE_TYPES[spec.type]:
+            kind = onnx.AttributeProto.AttributeType.Name(a.type).lower()
+            raise NmOnnxError(f"{label}: attribute {a.name} has type {kind}; set it as type {spec.type}")
+        given[a.name] = onnx.helper.get_attribute_value(a)
+    values = schema.attribute_values(label, given)
+    if "n" in values:
+        ref.check_pattern(label, values["n"], values["m"])
 
 
 def check_model(model: onnx.ModelProto, cuda: bool = False) -> None:
-    """Raise NmOnnxError for the first nm_onnx node with a bad dtype or attribute."""
+    """Raise NmOnnxError for the first nm_onnx node with a bad dtype, input or attribute."""
     types = _known_types(model)
-    allowed = CUDA_TYPES if cuda else CPU_TYPES
+    provider = CUDA if cuda else CPU
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
-        op = node.op_type
-        label = f"{op} (node '{node.name}')"
-        if op not in INPUT_NAMES:
-            raise NmOnnxError(f"{label}: unknown nm_onnx op; use TokenShift, NMMask or NMSparseMatMul")
-        for name, value in zip(INPUT_NAMES[op], node.input):
-            t = types.get(value)
-            if value and t is not None and t not in allowed:
-                dt = onnx.helper.tensor_dtype_to_np_dtype(t) if t != onnx.TensorProto.BFLOAT16 else "bfloat16"
-                hint = "float32 or float16" + (" or bfloat16" if cuda else " (bfloat16 runs on CUDA only)")
-                raise NmOnnxError(f"{label}: input {name} ('{value}') has dtype {dt}; cast it to {hint}")
-        a = _attrs(node)
-        if op in (NM_MASK, NM_SPARSE_MATMUL):
-            if "n" not in a or "m" not in a:
-                raise NmOnnxError(f"{label}: attributes n and m are required (e.g. n=8, m=16 for 8:16)")
-            ref.check_pattern(label, a["n"], a["m"])
-        checks = {
-            "criterion": ref.CRITERIA,
-            "shift": ref.SHIFTS,
-            "mode": ref.SHIFT_MODES,
-        }
-        for attr, choices in checks.items():
-            if attr in a and ref._text(a[attr]) not in choices:
-                raise NmOnnxError(
-                    f"{label}: attribute {attr}={ref._text(a[attr])!r} is unknown; use one of {choices}"
-                )
-        if "variance_correction" in a and a["variance_correction"] not in (0, 1):
-            raise NmOnnxError(
-                f"{label}: attribute variance_correction={a['variance_correction']} must be 0 or 1"
-            )
+        label = f"{node.op_type} (node '{node.name}')"
+        schema = SCHEMAS.get(node.op_type)
+        if schema is None:
+            raise NmOnnxError(f"{label}: unknown nm_onnx op; use {', '.join(SCHEMAS)}")
+        _check_inputs(label, schema, node, types, provider)
+        _check_attributes(label, schema, node)
