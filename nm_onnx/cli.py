@@ -89,17 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, _on_signal)
+    interrupted = False
     try:
         return int(args._run(args) or 0)
     except NmOnnxError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `nm-onnx inspect M | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
         from nm_onnx.io import os_error
 
         print(f"{name}: error: {os_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as e:
+        from nm_onnx.io import remove_live_partials
+
+        remove_live_partials()
+        interrupted = True  # keep ignoring the signals: a late second Ctrl-C must not kill the exit
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"{name}: interrupted by {signal.Signals(signum).name}; partial outputs removed", file=sys.stderr)
         return 128 + signum
@@ -113,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
               "(NM_ONNX_DEBUG=1 shows it here)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if not interrupted:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from nm_onnx.errors import NmOnnxError
 
 MANIFEST = "nm_onnx_manifest.json"
 PARTIAL_PREFIX = ".nm-onnx-partial-"
+_LIVE: set[Path] = set()  # staging paths of this process not yet renamed or removed
 _HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
 
 
@@ -193,13 +194,11 @@ def check_parent_writable(out: str | os.PathLike) -> None:
         p = p.parent
     if not p.is_dir():
         raise NmOnnxError(f"cannot write '{out}': '{p}' is not a directory")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise NmOnnxError(f"cannot write '{out}': permission denied in '{p}'; write the output elsewhere")
-    try:  # os.access does not see a read-only mount
+    try:  # a real write: os.access is fooled by root and by read-only mounts
         probe = tempfile.NamedTemporaryFile(prefix=PARTIAL_PREFIX + f"{_HOST}-{os.getpid()}-probe-", dir=p)
         probe.close()
     except OSError as e:
-        raise os_error(e, p) from None
+        raise NmOnnxError(f"cannot write '{out}': {os_error(e, p)}") from None
 
 
 # ------------------------------------------------------------------------------------------ staging
@@ -238,6 +237,13 @@ def remove_stale_partials(parent: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_live_partials() -> None:
+    """Remove every staging path this process still holds (the CLI calls it when interrupted, so a
+    signal that lands between creating a stage and entering its clean-up block leaves nothing)."""
+    for p in list(_LIVE):
+        _remove(p)
+
+
 def _stage_prefix(name: str) -> str:
     return f"{PARTIAL_PREFIX}{_HOST}-{os.getpid()}-{name[:60]}-"
 
@@ -260,8 +266,14 @@ def staging_dir(parent: str | os.PathLike, name: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(name), dir=parent))
     except OSError as e:
         raise os_error(e, parent) from None
+    _LIVE.add(tmp)
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+def remove_stage(p: Path) -> None:
+    """Remove a staging path made by `staging_dir` (and forget it)."""
+    _remove(Path(p))
 
 
 def _remove(p: Path) -> None:
@@ -270,6 +282,12 @@ def _remove(p: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             p.unlink()
+    _LIVE.discard(p)
+
+
+def _renamed(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    _LIVE.discard(tmp)
 
 
 def write_manifest(directory: str | os.PathLike, kind: str, extra: dict | None = None) -> None:
@@ -298,10 +316,10 @@ def atomic_dir(final: str | os.PathLike, kind: str, overwrite: bool = False, inp
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=_stage_prefix(final.name + "-old"), dir=final.parent))
             os.replace(final, old / "x")
-            os.replace(tmp, final)
+            _renamed(tmp, final)
             _remove(old)
         else:
-            os.replace(tmp, final)
+            _renamed(tmp, final)
     except OSError as e:
         _remove(tmp)
         raise os_error(e, final) from None
@@ -317,19 +335,21 @@ def atomic_path(final: str | os.PathLike):
     _mkdirs(final.parent)
     remove_stale_partials(final.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_stage_prefix(final.name), dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=_stage_prefix(final.name), dir=final.parent)
+        tmp = Path(name)
+        _LIVE.add(tmp)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
         raise os_error(e, final.parent) from None
     try:
-        yield Path(tmp)
-        os.replace(tmp, final)
+        yield tmp
+        _renamed(tmp, final)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise os_error(e, final) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 

@@ -257,8 +257,13 @@ def tiny_config(arch: str):
     raise NmOnnxError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
 
 
-def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build a tiny random causal LM of `arch` and save it (with a tokenizer) as a HF directory."""
+def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
+                      bos: bool = False) -> Path:
+    """Build a tiny random causal LM of `arch` and save it (with a tokenizer) as a HF directory.
+
+    bos=True: the tokenizer has a BOS token and puts it in front of every encoded text, like the
+    Gemma and Llama tokenizers (`add_bos_token`), so the BOS convention can be tested on it.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -269,26 +274,36 @@ def tiny_random_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, over
     out = Path(out_dir)
     with atomic_dir(out, "hf-model", overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        _tiny_tokenizer(cfg.vocab_size).save_pretrained(tmp)
+        _tiny_tokenizer(cfg.vocab_size, bos).save_pretrained(tmp)
     return out
 
 
-def _tiny_tokenizer(vocab_size: int):
+TINY_BOS = "<bos>"
+
+
+def _tiny_tokenizer(vocab_size: int, bos: bool = False):
     """A byte-level BPE-free tokenizer (one token per byte) so tiny models work with text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<{i}>": i for i in range(vocab_size)}
     bytes_vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     merged = dict(bytes_vocab)
+    room = vocab_size - (1 if bos else 0)
     for t, i in vocab.items():
-        if len(merged) >= vocab_size:
+        if len(merged) >= room:
             break
         merged.setdefault(t, len(merged))
+    if bos:
+        merged[TINY_BOS] = len(merged)
     tk = Tokenizer(models.WordLevel(vocab=merged, unk_token=next(iter(bytes_vocab))))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
          pre_tokenizers.Split("", "isolated")]
     )
     tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=next(iter(bytes_vocab)))
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=next(iter(bytes_vocab)))
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{TINY_BOS} $A", pair=f"{TINY_BOS} $A {TINY_BOS} $B", special_tokens=[(TINY_BOS, merged[TINY_BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=next(iter(bytes_vocab)), bos_token=TINY_BOS)

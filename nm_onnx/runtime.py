@@ -65,18 +65,20 @@ def make_session(
     optimization: str = "all",
     profile: bool = False,
     use_library: bool = True,
+    proto=None,
 ):
     """An InferenceSession for `path`, with the op library registered when the model uses nm_onnx ops.
 
     A dense model never touches the library (a broken $NM_ONNX_OPS_LIB cannot stop it); a corrupt
     model file or a missing external-data file is a one-line NmOnnxError before ORT sees it.
+    `proto`: the model's ModelProto when the caller already read it (graph.load.read_proto).
     """
     import onnxruntime as ort
 
     from nm_onnx.graph.load import model_file, read_proto
 
     path = model_file(path)
-    proto = read_proto(path)
+    proto = proto if proto is not None else read_proto(path)
     needs, portable = _needs_ops(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = {

@@ -224,7 +224,9 @@ class _Prewrite:
             except OSError:
                 pass
             self.writer = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        from nm_onnx.io import remove_stage
+
+        remove_stage(self.dir)
 
 
 def _save_external(model, out_file: Path, data_name: str, prewrite: _Prewrite | None = None) -> Path:
@@ -264,7 +266,7 @@ def save_model(model, out_file: Path, external: bool, prewrite: _Prewrite | None
     """Write model (+ `<name>_data` when external) so the model file appears last, atomically."""
     import onnx_ir as ir
 
-    from nm_onnx.io import os_error, staging_dir
+    from nm_onnx.io import os_error, remove_stage, staging_dir
 
     out_file = Path(out_file)
     data_name = f"{out_file.name}_data"
@@ -279,7 +281,7 @@ def save_model(model, out_file: Path, external: bool, prewrite: _Prewrite | None
     except OSError as e:
         raise os_error(e, out_file) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stage(tmp)
 
 
 def is_nm_onnx_model(path) -> bool:
@@ -350,9 +352,9 @@ def transform(
     as_dir = Path(in_path).is_dir()
     model = load_model(src)
     prewrite = None
-    if _has_external(model):  # copy the weights to the output while the passes run
-        prewrite = _Prewrite(model, out.parent)
     try:
+        if _has_external(model):  # copy the weights to the output while the passes run
+            prewrite = _Prewrite(model, out.parent)
         passes = run_pipeline(model, recipe, artifact, fuse=fuse, portable=portable)
         external = _has_external(model) or _weight_bytes(model) > EXTERNAL_THRESHOLD
         report = TransformReport(str(in_path), str(out), recipe.name, fuse, portable, external, 0.0, passes)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.graph.sites import module_call
 
 CHECKS = {
     "a": "dense ONNX vs PyTorch logits",
@@ -108,12 +109,6 @@ def sparse_records(sparse_proto, path) -> list[dict]:
             "version of `nm-onnx transform` wrote; transform the dense model again"
         )
     return records
-
-
-def _occurrence(module: str) -> tuple[str, int]:
-    """'model.layers.0.mlp.up_proj#1' -> ('model.layers.0.mlp.up_proj', 1): the module's n-th call."""
-    base, _, n = module.partition("#")
-    return base, int(n) if n.isdigit() else 0
 
 
 def extract_site(model, x_name: str, y_name: str):
@@ -277,9 +272,9 @@ def _capture_inputs(model, wrappers, window: np.ndarray) -> dict[str, list]:
 
 def _coverage(records, wrappers) -> list[str]:
     """Failures: sites the ONNX model sparsifies that PyTorch does not, and the other way round."""
-    bases = {_occurrence(r["module"])[0] for r in records}
+    bases = {module_call(r["module"])[0] for r in records}
     out = [f"{r['module']}: the sparse ONNX model sparsifies it, the recipe does not target it in PyTorch"
-           for r in records if _occurrence(r["module"])[0] not in wrappers]
+           for r in records if module_call(r["module"])[0] not in wrappers]
     out += [f"{p}: the recipe sparsifies it in PyTorch, the sparse ONNX model has no such site"
             for p in wrappers if p not in bases]
     return out
@@ -298,7 +293,7 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
     failures = _coverage(records, wrappers)
     worst_rel, mask_fail, per_site = 0.0, 0, []
     for rec in records[:max_sites] if max_sites else records:
-        base, occ = _occurrence(rec["module"])
+        base, occ = module_call(rec["module"])
         calls = captured.get(base, [])
         if occ >= len(calls):
             if base in wrappers:
@@ -394,13 +389,13 @@ def check_teacher_forced(sparse_path, model, window: np.ndarray) -> CheckResult:
     own = _capture_inputs(model, wrappers, window)
     flips, entries = 0, 0
     for rec in records:
-        base, occ = _occurrence(rec["module"])
+        base, occ = module_call(rec["module"])
         if occ < len(own.get(base, [])):
             _, nz = torch_site_reference(wrappers[base], own[base][occ])
             flips += int((nz != masks[rec["module"]]).sum())
             entries += nz.size
     for rec in records:
-        base, _ = _occurrence(rec["module"])
+        base, _ = module_call(rec["module"])
         if base in wrappers:
             wrappers[base].forced_masks.append(torch.from_numpy(masks[rec["module"]]))
     try:
@@ -545,6 +540,7 @@ class ValidationReport:
     calibration: str | None
     data: str
     results: list[CheckResult]
+    bos: int | None = None  # the BOS id every window starts with (None: no BOS)
 
     @property
     def passed(self) -> bool:
@@ -585,6 +581,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
         check_model_source(model_source)
         check_context(resolve_model(model_source), seqlen, "--seqlen")
     results: list[CheckResult] = []
+    first = None
     if "d" in checks:
         _log("(d) op kernels vs numpy reference")
         results.append(check_kernels())
@@ -595,7 +592,8 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
 
             _log(f"loading PyTorch model {model_source}")
             model, tokenizer = load_hf_model(model_source)
-        windows = eval_windows(tokenize(tokenizer, text.text), seqlen, limit, bos_id(tokenizer, bos))
+        first = bos_id(tokenizer, bos)
+        windows = eval_windows(tokenize(tokenizer, text.text), seqlen, limit, first)
         if "a" in checks:
             _log("(a) dense ONNX vs PyTorch logits")
             results.append(check_dense_logits(dense, model, windows[:1]))
@@ -617,7 +615,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
     order = {c: i for i, c in enumerate(CHECKS)}
     results.sort(key=lambda r: order[r.check])
     return ValidationReport(str(dense), str(sparse), str(model_source), rec.name,
-                            str(calibration) if calibration else None, text.source, results)
+                            str(calibration) if calibration else None, text.source, results, first)
 
 
 def add_arguments(p) -> None:

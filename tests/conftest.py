@@ -210,3 +210,19 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def run_cli(*args, env=None, timeout=900):
+    """`python -m nm_onnx ARGS` in a subprocess (the real entry point): CompletedProcess with text."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = None if env is None else {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "nm_onnx", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-empty stderr lines (a user error must be exactly one)."""
+    return [ln for ln in stderr.splitlines() if ln.strip()]

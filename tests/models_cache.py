@@ -14,13 +14,13 @@ from nm_onnx.export import export
 from nm_onnx.models import cache_dir, tiny_random_model
 
 
-def _locked_export(name: str, build) -> Path:
+def _locked_export(name: str, build, marker: str = "model.onnx") -> Path:
     root = cache_dir() / "test-exports"
     root.mkdir(parents=True, exist_ok=True)
     out = root / name
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "model.onnx").is_file():
+        if not (out / marker).is_file():
             build(out)
     return out
 
@@ -44,8 +44,15 @@ def tiny_export(arch: str, with_past: bool = True) -> Path:
     return _locked_export(name, build)
 
 
-def tiny_hf(arch: str) -> Path:
-    src = cache_dir() / "test-exports" / f"tiny-{arch}-hf"
+def tiny_hf(arch: str, bos: bool = False) -> Path:
+    """HF directory of a tiny random `arch` model (bos=True: its tokenizer adds a BOS token)."""
+    name = f"tiny-{arch}{'-bos' if bos else ''}-hf"
+    src = cache_dir() / "test-exports" / name
     if not (src / "config.json").is_file():
-        tiny_random_model(arch, src)
+        _locked_export(name, lambda out: tiny_random_model(arch, out, bos=bos), marker="config.json")
     return src
+
+
+def tiny_bos_export(arch: str = "llama") -> Path:
+    """Export (KV cache) of the tiny random `arch` model whose tokenizer adds a BOS token."""
+    return _locked_export(f"tiny-{arch}-bos", lambda out: export(tiny_hf(arch, bos=True), out))

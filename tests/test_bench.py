@@ -6,10 +6,9 @@ Never asserts a time: only that the numbers exist, are positive and come from th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 from models_cache import tiny_export
 
 from nm_onnx import ops
@@ -20,21 +19,16 @@ needs_lib = pytest.mark.skipif(not ops.library_available(), reason="op library n
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "nm_onnx", *args], check=False, capture_output=True, text=True, timeout=600)
+    return run_cli(*args, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def sparse_dir(tmp_path_factory):
-    import shutil
+    """A real `transform` output (8:16 with median shift and variance correction, fused)."""
+    from nm_onnx.transform import transform
 
-    from sparse_fixture import hand_transform
-
-    dense = tiny_export("llama")
-    out = tmp_path_factory.mktemp("sparse")
-    hand_transform(dense, out / "model.onnx")
-    for f in dense.iterdir():
-        if f.is_file() and f.suffix != ".onnx":
-            shutil.copy(f, out / f.name)
+    out = tmp_path_factory.mktemp("sparse") / "sparse"
+    transform(tiny_export("llama"), out, "8:16-median-variance")
     return out
 
 
@@ -56,6 +50,24 @@ def test_bench_sparse_vs_dense_json(sparse_dir):
     assert res["prefill_speedup"] > 0 and res["decode_speedup"] > 0
     assert "[bench] repeat 2/2 baseline" in r.stderr  # interleaved, progress on stderr
     assert ops_sparse  # sparse profile exists
+    # the per-site split reads the transform's site record: every linear kind has time, q..down sparse
+    for name in ("model", "baseline"):
+        split = {p["sites"]: p for p in res["results"][name]["site_profile"]}
+        assert set(split) == {"q", "k", "v", "o", "gate", "up", "down", "lm_head", "outside linear sites"}
+        assert all(p["ms"] > 0 for p in split.values())
+        assert abs(sum(p["share"] for p in split.values()) - 1.0) < 1e-9
+
+
+@needs_lib
+def test_site_kinds_come_from_the_record(sparse_dir):
+    from nm_onnx.evaluation.latency import site_kinds
+    from nm_onnx.graph.load import read_proto
+    from nm_onnx.passes.record import site_records
+
+    kinds = site_kinds(sparse_dir)
+    records = site_records(read_proto(sparse_dir))
+    assert len(records) == 14 and all(kinds[n] == r["kind"] for r in records for n in r["nodes"])
+    assert kinds["/lm_head/MatMul"] == "lm_head"  # a dense site: its MatMul
 
 
 @needs_lib

@@ -42,7 +42,6 @@ def test_demo_unknown_row_is_a_clear_error(tmp_path):
     pytest.param("8:16-magnitude,8:16-learned-shift,8:16", marks=pytest.mark.slow),  # + calibration
 ])
 def test_demo_tiny_end_to_end(tmp_path, only):
-    pytest.importorskip("nm_onnx.transform")
     out = tmp_path / "demo"
     r = _demo(out, "--only", only)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import lm_eval
 import numpy as np
 import pytest
-
-lm_eval = pytest.importorskip("lm_eval")
-
 from models_cache import tiny_export, tiny_hf
 
 from nm_onnx.errors import NmOnnxError

@@ -47,15 +47,8 @@ def _validate_inproc(capsys, dense, sparse, model, *args):
 
 
 def _make_sparse(dense: Path, out: Path, fuse: bool = True) -> Path:
-    """The real transform when it is importable, else the test stand-in (same fused op)."""
-    try:
-        from nm_onnx.transform import transform
-    except ImportError:
-        from sparse_fixture import hand_transform
+    from nm_onnx.transform import transform
 
-        out.mkdir(parents=True)
-        hand_transform(dense, out / "model.onnx")
-        return out
     transform(dense, out, RECIPE, fuse=fuse)
     return out
 
@@ -95,7 +88,6 @@ def test_validate_passes_on_tiny_model(tiny_sparse, tmp_path):
 
 
 def test_validate_unfused_form_passes(tmp_path, capsys):
-    pytest.importorskip("nm_onnx.transform")
     sparse = _make_sparse(tiny_export("llama"), tmp_path / "unfused", fuse=False)
     r = _validate_inproc(capsys, tiny_export("llama"), sparse, tiny_hf("llama"), "--seqlen", "64", "--checks", "b")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
@@ -166,7 +158,6 @@ def test_nm_onnx_validate_subcommand(tiny_sparse, capsys):
 @pytest.mark.slow
 def test_validate_passes_on_smollm2(tmp_path):
     """Definition of done: SmolLM2, 8:16 with median shift and variance correction, all four checks."""
-    pytest.importorskip("nm_onnx.transform")
     dense = smollm2_export()
     sparse = _make_sparse(dense, tmp_path / "sparse")
     out = tmp_path / "report.json"
@@ -175,3 +166,79 @@ def test_validate_passes_on_smollm2(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["passed"]
     assert {c["check"]: c for c in rep["checks"]}["b"]["details"]["sites"] == 210
+
+
+def test_layerwise_check_finds_every_site_of_a_dynamo_export(tmp_path):
+    """Dynamo names nodes node_linear_N: (b) reads the transform's site record, not a naming rule."""
+    import torch
+
+    from nm_onnx.models import load_hf_model
+    from nm_onnx.reference import sparsify_model
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import check_layerwise
+
+    model, tok = load_hf_model(tiny_hf("llama"))
+    ids = torch.randint(0, 500, (1, 8))
+    prog = torch.onnx.export(model, (ids,), kwargs={"use_cache": False}, dynamo=True, optimize=False)
+    prog.save(str(tmp_path / "dyn.onnx"))
+    transform(tmp_path / "dyn.onnx", tmp_path / "sparse.onnx", RECIPE)
+    sparsify_model(model, RECIPE)
+    window = np.random.default_rng(0).integers(0, 500, 48)
+    res = check_layerwise(tmp_path / "sparse.onnx", model, window)
+    assert res.status == "PASS", res.details["failures"]
+    assert res.details["sites"] == 14 and all(s["mask_mismatches"] == 0 for s in res.details["per_site"])
+
+
+def _duplicate_named(src: Path, dst: Path) -> Path:
+    """Layer 1's MLP renamed as TorchScript names a module's second call (`.../MatMul_1`, so its sites
+    are '...#1') and given layer 0's weights: the ONNX twin of a model that calls one MLP twice."""
+    from nm_onnx.graph import find_linear_sites, load_model
+
+    sites = {s.module: s for s in find_linear_sites(load_model(src))}
+    m = onnx.load(str(src / "model.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        s0, s1 = sites[f"model.layers.0.mlp.{proj}"], sites[f"model.layers.1.mlp.{proj}"]
+        inits[s1.weight].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[s0.weight]), s1.weight))
+    for n in m.graph.node:
+        if n.name.startswith("/model/layers.1/mlp/"):
+            n.name = n.name.replace("/model/layers.1/mlp/", "/model/layers.0/mlp/") + "_1"  # TorchScript's 2nd call
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.onnx" and not f.name.startswith("nm_onnx"):
+            shutil.copy(f, dst / f.name)
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst
+
+
+def test_validate_checks_duplicate_named_sites(tmp_path):
+    """Two sites with one module path (model.layers.0.mlp.*_proj and ...#1): each is checked against the
+    module call it belongs to, by the record, not by a name prefix that matches both."""
+    from nm_onnx.graph import find_linear_sites, load_model
+    from nm_onnx.models import load_hf_model
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import validate
+
+    dense = _duplicate_named(tiny_export("llama"), tmp_path / "dense")
+    modules = [s.module for s in find_linear_sites(load_model(dense))]
+    assert "model.layers.0.mlp.down_proj#1" in modules
+    sparse = tmp_path / "sparse"
+    transform(dense, sparse, RECIPE)
+    model, tok = load_hf_model(tiny_hf("llama"))
+    model.model.layers[1].mlp = model.model.layers[0].mlp  # one module, called by both layers
+    rep = validate(dense, sparse, "tiny", RECIPE, checks="abc", seqlen=48, limit=1, model=model, tokenizer=tok)
+    by = {r.check: r for r in rep.results}
+    assert rep.passed, [r.details.get("failures") for r in rep.results]
+    assert by["b"].details["sites"] == 14
+    assert {s["site"] for s in by["b"].details["per_site"]} >= {"model.layers.0.mlp.down_proj",
+                                                                "model.layers.0.mlp.down_proj#1"}
+    assert by["c"].details["sites"] == 14 and by["c"].status == "PASS"
+
+
+def test_perplexity_verdict_is_three_way():
+    from nm_onnx.validate import perplexity_verdict
+
+    assert perplexity_verdict(0.002, 0.001) == "PASS"  # 0.2% + 2 x 0.1% <= 1%
+    assert perplexity_verdict(0.002, 0.02) == "INCONCLUSIVE"  # the noise does not resolve 1%
+    assert perplexity_verdict(0.05, 0.01) == "FAIL"  # 5% - 2 x 1% > 1%
+    assert perplexity_verdict(0.015, 0.004) == "INCONCLUSIVE"  # over 1%, but within 2 s.e. of it

@@ -198,12 +198,14 @@ def calibrate(
     max_layers: int | None = None,
     overwrite: bool = False,
     input_paths=(),
+    bos: int | None = None,
 ) -> CalibrationArtifact:
     """Compute the recipe's constants on `windows` ([S, L] token ids) and write the artifact to `out`.
 
     `model` is modified during the run (wrapped, then restored); max_layers limits layer-wise work to
     the first decoder layers (for tests). `overwrite` and `input_paths` follow nm_onnx.io's output rules
-    (checked before any work). Returns the saved artifact.
+    (checked before any work); `bos` is the BOS id the windows start with (recorded). Returns the saved
+    artifact.
     """
     from nm_onnx.io import check_output_dir
     from tqdm import tqdm
@@ -322,6 +324,7 @@ def calibrate(
             "data": data_source,
             "samples": int(windows.shape[0]),
             "seqlen": int(windows.shape[1]),
+            "bos": bos,
             "seed": recipe.calibration["seed"],
             "layers": layer_reports,
             "seconds": round(time.time() - t_start, 3),

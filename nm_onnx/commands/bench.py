@@ -1,8 +1,9 @@
 """`nm-onnx bench MODEL [--baseline DENSE]`: prefill and decode tokens/s in ORT, side by side.
 
 The sparse model and the baseline are measured interleaved in one run (medians of --repeats), then
-each gets an ORT per-op profile (top ops by time). Numbers are for this machine and thread count;
-no test ever asserts them.
+each gets an ORT per-op profile (top ops by time) and the same kernel time split by linear-site kind
+(q, k, v, o, gate, up, down, lm_head, outside the linear sites), the sites read from the record that
+`transform` left in the model. Numbers are for this machine and thread count; no test asserts them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ def add_arguments(p):
 def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, threads=None, top=10,
           progress=None) -> dict:
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.evaluation.latency import cpu_info, measure, op_profile, paired_speedup
+    from nm_onnx.evaluation.latency import (
+        cpu_info,
+        measure,
+        paired_speedup,
+        profile_events,
+        site_kinds,
+        summarize_profile,
+        summarize_sites,
+    )
+    from nm_onnx.graph.load import read_proto
     from nm_onnx.models import check_context
     from nm_onnx.runtime import make_session, session_dir
 
@@ -40,9 +50,10 @@ def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, thre
     if decode < 0 or warmup < 0 or prompt < 1:
         raise NmOnnxError(f"--decode and --warmup must be >= 0 and --prompt >= 1, got {decode}, {warmup}, {prompt}")
     paths = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    protos = {name: read_proto(p) for name, p in paths.items()}  # corrupt files named first
     for p in paths.values():
         check_context(session_dir(p), prompt + decode, "--prompt + --decode")
-    sessions = {name: make_session(p, threads=threads) for name, p in paths.items()}
+    sessions = {name: make_session(p, threads=threads, proto=protos.pop(name)) for name, p in paths.items()}
     res = measure(sessions, prompt, decode, repeats, warmup, progress)
     out = {"machine": cpu_info(), "providers": sessions["model"].get_providers(), "prompt": prompt,
            "decode": decode, "repeats": repeats, "threads": threads,
@@ -53,7 +64,9 @@ def bench(model, baseline=None, prompt=512, decode=64, repeats=3, warmup=1, thre
         for name, p in paths.items():
             if progress:
                 progress(f"profiling {name}")
-            out["results"][name]["profile"] = op_profile(p, prompt, min(decode, 8), threads, top)
+            events = profile_events(p, prompt, min(decode, 8), threads)
+            out["results"][name]["profile"] = summarize_profile(events, top)
+            out["results"][name]["site_profile"] = summarize_sites(events, site_kinds(p))
     return out
 
 
@@ -76,6 +89,11 @@ def bench_markdown(res: dict) -> str:
                       markdown_table(["op", "ms", "calls", "share"],
                                      [[p["op"], f"{p['ms']:.2f}", p["calls"], f"{100 * p['share']:.1f}%"]
                                       for p in r["profile"]])]
+        if r.get("site_profile"):
+            lines += ["", f"Kernel time of {name} by linear-site kind (from the transform's site record):", "",
+                      markdown_table(["sites", "ms", "share"],
+                                     [[p["sites"], f"{p['ms']:.2f}", f"{100 * p['share']:.1f}%"]
+                                      for p in r["site_profile"]])]
     return "\n".join(lines)
 
 

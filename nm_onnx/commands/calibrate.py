@@ -58,12 +58,12 @@ def run(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     model, tok = load_hf_model(hf_dir)
-    windows = calibration_windows(tokenize(tok, text.text), cal["samples"], cal["seqlen"], cal["seed"],
-                                  bos_id(tok, args.bos))
+    first = bos_id(tok, args.bos)
+    windows = calibration_windows(tokenize(tok, text.text), cal["samples"], cal["seqlen"], cal["seed"], first)
     print(f"nm-onnx calibrate: {recipe.name} on {len(windows)} x {cal['seqlen']} tokens of {text.source}",
           file=sys.stderr)
     art = calibrate(model, recipe, windows, args.out, data_source=text.source, model_source=str(args.model),
-                    progress=not args.quiet, overwrite=args.overwrite, input_paths=[*given, hf_dir])
+                    progress=not args.quiet, overwrite=args.overwrite, input_paths=[*given, hf_dir], bos=first)
     print(json.dumps({"out": str(args.out), "constants": len(art.tensors), "digest": art.digest(),
                       "seconds": art.report["seconds"]}))
     return 0

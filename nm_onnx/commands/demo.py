@@ -172,7 +172,8 @@ class Demo:
         windows = calibration_windows(tokenize(self.tok, text.text), a.calib_samples, a.calib_seqlen,
                                       rec.calibration["seed"], self.bos)
         _step(f"calibrate {recipe} on {a.calib_samples} x {a.calib_seqlen} tokens of {text.source}")
-        art = calibrate(self.model, rec, windows, out, data_source=text.source, model_source=str(a.model))
+        art = calibrate(self.model, rec, windows, out, data_source=text.source, model_source=str(a.model),
+                        bos=self.bos)
         return out, art
 
     def sparse_model(self, recipe, calibration) -> Path:

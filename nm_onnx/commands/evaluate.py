@@ -41,7 +41,7 @@ def evaluate(model, ppl="wikitext2", seqlen=512, limit=None, tasks=None, tokeniz
     from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
     from nm_onnx.errors import NmOnnxError
     from nm_onnx.evaluation.tokenizer import load_tokenizer
-    from nm_onnx.graph.load import model_file
+    from nm_onnx.graph.load import read_proto
     from nm_onnx.models import check_context
     from nm_onnx.runtime import make_session, session_dir
 
@@ -53,12 +53,13 @@ def evaluate(model, ppl="wikitext2", seqlen=512, limit=None, tasks=None, tokeniz
     use_ppl = (ppl or "none").lower() != "none"
     if not use_ppl and not task_names:
         raise NmOnnxError("nothing to evaluate: give --ppl wikitext2|FILE and/or --tasks")
-    model_file(model)
+    proto = read_proto(model)  # a corrupt model or missing data file: named before anything else
     if use_ppl:
         text = load_eval_text(ppl, option="--ppl")
         check_context(session_dir(model), seqlen, "--seqlen")
     tok = load_tokenizer(tokenizer or session_dir(model), option="--tokenizer")
-    sess = make_session(model, threads=threads)
+    sess = make_session(model, threads=threads, proto=proto)
+    del proto
     out: dict = {"model": str(model), "op_library": bool(getattr(sess, "nm_onnx_library", False))}
     if use_ppl:
         from nm_onnx.evaluation.perplexity import perplexity_onnx

@@ -41,6 +41,9 @@ _SEMANTIC = ("pattern", "criterion", "shift", "scale_shift", "variance_correctio
 
 
 def run(args) -> int:
+    from nm_onnx.models import check_context, check_model_source, resolve_model
+
+    check_model_source(args.model)  # before torch is imported
     from nm_onnx.calibration.artifact import load_artifact
     from nm_onnx.data import (
         bos_id,
@@ -51,10 +54,8 @@ def run(args) -> int:
         tokenize,
     )
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.models import check_context, check_model_source, resolve_model
     from nm_onnx.recipe import SparsityRecipe
 
-    check_model_source(args.model)
     artifact = load_artifact(args.calibration) if args.calibration else None
     if args.recipe is None and artifact is None:
         raise NmOnnxError("give --recipe (a preset, a recipe file or 'dense') or --calibration DIR")

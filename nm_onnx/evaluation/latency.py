@@ -103,8 +103,8 @@ def paired_speedup(model: dict, baseline: dict) -> dict:
     return out
 
 
-def op_profile(path, prompt: int, decode: int, threads=None, top: int = 10) -> list[dict]:
-    """Top ops by total time from ORT's profiling JSON of one prefill (+ decode steps)."""
+def profile_events(path, prompt: int, decode: int, threads=None) -> list[dict]:
+    """ORT's profiling events of one prefill (+ `decode` one-token steps) of the model at `path`."""
     from nm_onnx.runtime import make_session
 
     sess = make_session(path, threads=threads, profile=True)
@@ -115,25 +115,62 @@ def op_profile(path, prompt: int, decode: int, threads=None, top: int = 10) -> l
         time_prefill(sess, ids)
     prof = Path(sess.end_profiling())
     try:
-        events = json.loads(prof.read_text())
+        return json.loads(prof.read_text())
     finally:
         prof.unlink(missing_ok=True)
-    return summarize_profile(events, top)
+
+
+def op_profile(path, prompt: int, decode: int, threads=None, top: int = 10) -> list[dict]:
+    """Top ops by total time from ORT's profiling JSON of one prefill (+ decode steps)."""
+    return summarize_profile(profile_events(path, prompt, decode, threads), top)
+
+
+def _kernel_events(events: list[dict]):
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            yield e
 
 
 def summarize_profile(events: list[dict], top: int = 10) -> list[dict]:
     """Aggregate ORT 'Node' kernel events by op type: total ms, calls, share of the node time."""
     tot: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
+    for e in _kernel_events(events):
         op = e.get("args", {}).get("op_name", "?")
         tot[op] += float(e.get("dur", 0)) / 1e3
         calls[op] += 1
     total = sum(tot.values()) or 1.0
     rows = sorted(tot, key=tot.get, reverse=True)[:top]
     return [{"op": o, "ms": tot[o], "calls": calls[o], "share": tot[o] / total} for o in rows]
+
+
+def site_kinds(path) -> dict[str, str]:
+    """{node name: site kind} of a model's linear sites: the transform's site record of a sparse model
+    (every node of a site), the MatMul (+ bias Add) of each linear site of a dense one."""
+    from nm_onnx.graph import find_linear_sites, load_model
+    from nm_onnx.passes.record import site_records
+
+    model = load_model(path)
+    out = {name: r["kind"] for r in site_records(model) for name in r["nodes"]}
+    recorded = set(out)
+    for s in find_linear_sites(model):
+        if s.matmul not in recorded:
+            out[s.matmul] = s.kind
+            if s.bias_add:
+                out[s.bias_add] = s.kind
+    return out
+
+
+def summarize_sites(events: list[dict], kinds: dict[str, str]) -> list[dict]:
+    """Kernel time per linear-site kind (q, k, ..., lm_head) and outside the linear sites."""
+    tot: dict[str, float] = defaultdict(float)
+    for e in _kernel_events(events):
+        node = str(e["name"])[: -len("_kernel_time")]
+        tot[kinds.get(node, "outside linear sites")] += float(e.get("dur", 0)) / 1e3
+    total = sum(tot.values()) or 1.0
+    order = [k for k in ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "other") if k in tot]
+    order += [k for k in tot if k not in order]
+    return [{"sites": k, "ms": tot[k], "share": tot[k] / total} for k in order]
 
 
 def cpu_info() -> str:

@@ -45,6 +45,13 @@ class LinearSite:
         return d
 
 
+def module_call(module: str) -> tuple[str, int]:
+    """'model.layers.0.mlp.up_proj#1' -> ('model.layers.0.mlp.up_proj', 1): the module path and which of
+    its calls a site is (find_linear_sites numbers the repeated calls of one module #1, #2, ...)."""
+    base, _, n = module.partition("#")
+    return base, int(n) if n.isdigit() else 0
+
+
 def _module_from_node_name(name: str) -> str | None:
     # "/model/layers.0/mlp/down_proj/MatMul" -> "model.layers.0.mlp.down_proj"
     if not name.startswith("/"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.graph.sites import find_linear_sites
+from nm_onnx.graph.sites import find_linear_sites, module_call
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import PassReport, SitePlan
 
@@ -56,7 +56,10 @@ class LocatePass(ir.passes.InPlacePass):
         sites = find_linear_sites(model)
         if not sites:
             raise NmOnnxError("the model has no linear sites (MatMul with a constant [K, O] weight) to sparsify")
-        selected = set(recipe.match([s.module for s in sites]))
+        # a recipe names modules: a module's repeated calls (#1, #2) follow its first one
+        modules = list(dict.fromkeys(module_call(s.module)[0] for s in sites))
+        chosen = set(recipe.match(modules))
+        selected = {s.module for s in sites if module_call(s.module)[0] in chosen}
         n, m = recipe.n, recipe.m
         for s in sites:
             if s.module in selected and s.k % m != 0:
@@ -78,7 +81,7 @@ class LocatePass(ir.passes.InPlacePass):
             if s.module not in selected:
                 self.report.add(s, "dense", "not selected by the recipe targets/exclude")
                 continue
-            constants = self.calibration.constants(s.module) if self.calibration is not None else {}
+            constants = self.calibration.constants(module_call(s.module)[0]) if self.calibration is not None else {}
             missing = [c for c in needed if c not in constants]
             if missing:
                 raise NmOnnxError(
@@ -110,7 +113,7 @@ class LocatePass(ir.passes.InPlacePass):
         """The artifact must come from this model (same sites, same [K, O]) and cover the selected sites."""
         art = self.calibration
         shapes = art.site_shapes()
-        here = {s.module: (s.k, s.o) for s in sites}
+        here = {module_call(s.module)[0]: (s.k, s.o) for s in sites}
         where = f"calibration artifact '{art.path}'" if art.path else "the calibration artifact"
         source = (art.report or {}).get("model") or "another model"
         known = shapes if shapes is not None else {m: None for m in art.modules()}
@@ -125,7 +128,7 @@ class LocatePass(ir.passes.InPlacePass):
                 "run `nm-onnx calibrate` on this model with this recipe"
             )
         if shapes is not None:
-            uncovered = [m for m in selected if m not in shapes]
+            uncovered = [m for m in selected if module_call(m)[0] not in shapes]
             if uncovered:
                 raise NmOnnxError(
                     f"{where} does not cover site '{uncovered[0]}' that recipe '{self.recipe.name}' selects "
