@@ -28,7 +28,6 @@ from models_cache import tiny_export, tiny_hf
 from onnx import TensorProto, helper, numpy_helper
 
 from nm_onnx import ops
-from nm_onnx.io import PARTIAL_PREFIX
 
 needs_library = pytest.mark.skipif(not ops.library_available(), reason="op library not built (make ops)")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -47,7 +46,8 @@ def snapshot(root: Path) -> dict:
 
 
 def partials(root: Path) -> list[Path]:
-    return [p for p in root.rglob(f"{PARTIAL_PREFIX}*")]
+    """Hidden entries: staging directories and files, whatever their naming."""
+    return [p for p in root.rglob(".*")]
 
 
 @pytest.fixture
