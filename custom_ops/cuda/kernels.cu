@@ -229,83 +229,78 @@ struct Scratch {
   U* as() const { return static_cast<U*>(p); }
 };
 
+// The launchers take the device pointers untyped (launch.h) and cast them to the node's element type T.
 template <typename T>
-void token_shift_t(const T* x, T* xc, T* eta_out, int64_t T_, int64_t K, Shift mode, cudaStream_t s) {
+void token_shift_t(const void* xv, void* xcv, void* etav, int64_t T_, int64_t K, const TokenShiftAttrs& a,
+                   cudaStream_t s) {
   if (T_ == 0) return;
+  const T* x = static_cast<const T*>(xv);
+  T* eta_out = static_cast<T*>(etav);
   Scratch eta(sizeof(float) * T_, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(mode), eta.as<float>());
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(a.mode),
+                                                                     eta.as<float>());
   if (K > 0)
-    subtract_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), xc, eta_out, T_ * K, K);
+    subtract_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<T*>(xcv), eta_out,
+                                                               T_ * K, K);
   else
     eta_out_kernel<T><<<blocks_for(T_), kThreads, 0, s>>>(eta.as<float>(), eta_out, T_);
   check(cudaGetLastError(), "TokenShift CUDA kernel");
 }
 
 template <typename T>
-void nm_mask_t(const T* x, const T* cs, T* y, int64_t T_, int64_t K, int n, int m, Criterion c, cudaStream_t s) {
+void nm_mask_t(const void* xv, const void* csv, void* yv, int64_t T_, int64_t K, const NMMaskAttrs& a,
+               cudaStream_t s) {
   if (T_ * K == 0) return;
-  Scratch colnorm(c == Criterion::kClact ? sizeof(float) * K : 0, s);
-  if (c == Criterion::kClact) column_norm_kernel<T><<<blocks_for(K), kThreads, 0, s>>>(x, T_, K, colnorm.as<float>());
-  nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, nullptr, cs, colnorm.as<float>(), T_ * K, K, n, m, y,
-                                                            nullptr, nullptr);
+  const T* x = static_cast<const T*>(xv);
+  const bool clact = a.criterion == Criterion::kClact;
+  Scratch colnorm(clact ? sizeof(float) * K : 0, s);
+  if (clact) column_norm_kernel<T><<<blocks_for(K), kThreads, 0, s>>>(x, T_, K, colnorm.as<float>());
+  nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, nullptr, static_cast<const T*>(csv),
+                                                            colnorm.as<float>(), T_ * K, K, a.n, a.m,
+                                                            static_cast<T*>(yv), nullptr, nullptr);
   check(cudaGetLastError(), "NMMask CUDA kernel");
 }
 
 template <typename T>
-void nm_sparse_matmul_t(const T* x, const T* b, const T* cs, const T* sb, const T* bias, T* y, int64_t T_,
-                        int64_t K, int64_t O, const SparseMatMulParams& p, cudaStream_t s) {
+void nm_sparse_matmul_t(const void* xv, const void* bv, const void* csv, const void* sbv, const void* biasv, void* yv,
+                        int64_t T_, int64_t K, int64_t O, const NMSparseMatMulAttrs& p, cudaStream_t s) {
   if (T_ * O == 0) return;
+  const T* x = static_cast<const T*>(xv);
   Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift), eta.as<float>());
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
+                                                                     eta.as<float>());
   if (K > 0)
-    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), cs, nullptr, T_ * K, K, p.n, p.m,
-                                                              nullptr, xh.as<float>(), keep.as<uint8_t>());
+    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv), nullptr,
+                                                              T_ * K, K, p.n, p.m, nullptr, xh.as<float>(),
+                                                              keep.as<uint8_t>());
   if (p.variance_correction)
     variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
-  sparse_gemm_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(xh.as<float>(), keep.as<uint8_t>(), b, eta.as<float>(),
-                                                                sb, p.variance_correction ? v.as<float>() : nullptr,
-                                                                bias, T_, K, O, y);
+  sparse_gemm_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(
+      xh.as<float>(), keep.as<uint8_t>(), static_cast<const T*>(bv), eta.as<float>(), static_cast<const T*>(sbv),
+      p.variance_correction ? v.as<float>() : nullptr, static_cast<const T*>(biasv), T_, K, O, static_cast<T*>(yv));
   check(cudaGetLastError(), "NMSparseMatMul CUDA kernel");
 }
 
 }  // namespace
 
-#define NM_DISPATCH(dt, FN, ...)                                                             \
-  switch (dt) {                                                                              \
-    case DType::kF32: FN<float>(__VA_ARGS__); break;                                         \
-    case DType::kF16: FN<__half>(__VA_ARGS__); break;                                        \
-    case DType::kBF16: FN<__nv_bfloat16>(__VA_ARGS__); break;                                \
+#define NM_DISPATCH(dt, FN, ...)                                  \
+  switch (dt) {                                                   \
+    case DType::kF32: FN<float>(__VA_ARGS__); break;              \
+    case DType::kF16: FN<__half>(__VA_ARGS__); break;             \
+    case DType::kBF16: FN<__nv_bfloat16>(__VA_ARGS__); break;     \
   }
 
-template <typename T>
-static void token_shift_d(const void* x, void* xc, void* eta, int64_t T_, int64_t K, Shift mode, void* s) {
-  token_shift_t<T>(static_cast<const T*>(x), static_cast<T*>(xc), static_cast<T*>(eta), T_, K, mode,
-                   static_cast<cudaStream_t>(s));
+void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, const TokenShiftAttrs& a,
+                 void* stream) {
+  NM_DISPATCH(dt, token_shift_t, x, xc, eta, T, K, a, static_cast<cudaStream_t>(stream))
 }
-template <typename T>
-static void nm_mask_d(const void* x, const void* cs, void* y, int64_t T_, int64_t K, int n, int m, Criterion c,
-                      void* s) {
-  nm_mask_t<T>(static_cast<const T*>(x), static_cast<const T*>(cs), static_cast<T*>(y), T_, K, n, m, c,
-               static_cast<cudaStream_t>(s));
-}
-template <typename T>
-static void nm_sparse_matmul_d(const void* x, const void* b, const void* cs, const void* sb, const void* bias,
-                               void* y, int64_t T_, int64_t K, int64_t O, const SparseMatMulParams& p, void* s) {
-  nm_sparse_matmul_t<T>(static_cast<const T*>(x), static_cast<const T*>(b), static_cast<const T*>(cs),
-                        static_cast<const T*>(sb), static_cast<const T*>(bias), static_cast<T*>(y), T_, K, O, p,
-                        static_cast<cudaStream_t>(s));
-}
-
-void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, Shift mode, void* stream) {
-  NM_DISPATCH(dt, token_shift_d, x, xc, eta, T, K, mode, stream)
-}
-void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_t K, int n, int m, Criterion c,
+void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_t K, const NMMaskAttrs& a,
              void* stream) {
-  NM_DISPATCH(dt, nm_mask_d, x, cs, y, T, K, n, m, c, stream)
+  NM_DISPATCH(dt, nm_mask_t, x, cs, y, T, K, a, static_cast<cudaStream_t>(stream))
 }
 void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* cs, const void* sb, const void* bias,
-                      void* y, int64_t T, int64_t K, int64_t O, const SparseMatMulParams& p, void* stream) {
-  NM_DISPATCH(dt, nm_sparse_matmul_d, x, b, cs, sb, bias, y, T, K, O, p, stream)
+                      void* y, int64_t T, int64_t K, int64_t O, const NMSparseMatMulAttrs& a, void* stream) {
+  NM_DISPATCH(dt, nm_sparse_matmul_t, x, b, cs, sb, bias, y, T, K, O, a, static_cast<cudaStream_t>(stream))
 }
 
 }  // namespace cuda
