@@ -432,7 +432,7 @@ class OrtBackend:
     disabled, so a node without a CUDA kernel fails the session, and each session's first run is
     profiled to check that the nm_onnx node ran on the CUDA EP."""
 
-    def __init__(self, provider: str = ORT_CPU, profile_dir: Path | None = None):
+    def __init__(self, provider: str = ORT_CPU):
         import tempfile
 
         import onnxruntime as ort
@@ -440,7 +440,9 @@ class OrtBackend:
         from nm_onnx import ops
 
         self._ort, self._ops, self.provider, self._sessions = ort, ops, provider, {}
-        self._profile_dir = Path(profile_dir or tempfile.mkdtemp(prefix="nm_onnx_gpu_check_"))
+        # ORT's profiles (read and deleted after each session's first run); removed with the backend
+        cuda = provider == ORT_CUDA
+        self._profiles = tempfile.TemporaryDirectory(prefix="nm_onnx_gpu_check_") if cuda else None
 
     def supports(self, dtype: str) -> bool:
         return self.provider == ORT_CUDA or dtype in ("float32", "float16")
@@ -453,7 +455,7 @@ class OrtBackend:
         if self.provider == ORT_CUDA:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # no CPU EP in providers then
             so.enable_profiling = True
-            so.profile_file_prefix = str(self._profile_dir / f"{op}_{dtype}")
+            so.profile_file_prefix = str(Path(self._profiles.name) / f"{op}_{dtype}")
         return self._ort.InferenceSession(
             ort_model(op, names, dtype, attrs).SerializeToString(), so, providers=[self.provider]
         )
