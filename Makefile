@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 NMONNX := $(VENV)/bin/nm-onnx
 STAMP  := $(VENV)/.nm-onnx-installed
 
-.PHONY: setup ops demo test test-all test-asan bench clean
+.PHONY: setup ops demo test test-all test-asan bench gpu-check clean
 
 setup: $(STAMP) ops
 
@@ -35,6 +35,13 @@ test-asan: $(STAMP)
 bench: setup
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/sparse_matmul.py
+
+# One-run check of the CUDA kernels on a GPU (tools/gpu_check.sh; docs/ops.md "CUDA check"). No setup:
+# it needs nvcc and a python3 with numpy (and PyTorch with CUDA on the GPU), not this project's venv.
+GPU_CHECK_OUT    ?= runs/gpu_check
+GPU_CHECK_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash tools/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf custom_ops/build custom_ops/build-asan

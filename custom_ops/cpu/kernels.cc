@@ -691,40 +691,38 @@ MaskRowsFn mask_rows_for(int m) {
   }
 }
 
+// The N:M selection of rows [0, T): keep flags (keep [T, K]) or the masked values (y [T, K]); the
+// other pointer is null, as for the MaskRowsFn variants. M without a fast path: row_keep per row.
+void select_rows(const float* x, int64_t T, int64_t K, int n, int m, const float* scale, const float* colnorm,
+                 float* y, uint8_t* keep, const ParallelFor& pf) {
+  const MaskRowsFn fast = mask_rows_for(m);
+  pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
+    if (fast) {
+      MaskScratch sc;
+      fast(x, t0, t1, K, n, scale, colnorm, y, keep, sc);
+      return;
+    }
+    RowScratch sc;
+    std::vector<uint8_t> row(keep ? 0 : static_cast<size_t>(K));
+    for (std::ptrdiff_t t = t0; t < t1; ++t) {
+      uint8_t* kr = keep ? keep + t * K : row.data();
+      row_keep(x + t * K, K, n, m, scale, colnorm, kr, sc);
+      if (y)
+        for (int64_t j = 0; j < K; ++j) y[t * K + j] = kr[j] ? x[t * K + j] : 0.0f;
+    }
+  });
+}
+
 }  // namespace
 
 void nm_keep_rows(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
                   const float* colnorm, uint8_t* keep, const ParallelFor& pf) {
-  if (const MaskRowsFn fn = mask_rows_for(m)) {  // the NMMask fast paths, writing keep flags
-    pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-      MaskScratch sc;
-      fn(x, t0, t1, K, n, scale, colnorm, nullptr, keep, sc);
-    });
-    return;
-  }
-  pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-    RowScratch sc;
-    for (std::ptrdiff_t t = t0; t < t1; ++t) row_keep(x + t * K, K, n, m, scale, colnorm, keep + t * K, sc);
-  });
+  select_rows(x, T, K, n, m, scale, colnorm, nullptr, keep, pf);
 }
 
 void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
                  const float* colnorm, float* y, const ParallelFor& pf) {
-  if (const MaskRowsFn fn = mask_rows_for(m)) {
-    pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-      MaskScratch sc;
-      fn(x, t0, t1, K, n, scale, colnorm, y, nullptr, sc);
-    });
-    return;
-  }
-  pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
-    RowScratch sc;
-    std::vector<uint8_t> keep(static_cast<size_t>(K));
-    for (std::ptrdiff_t t = t0; t < t1; ++t) {
-      row_keep(x + t * K, K, n, m, scale, colnorm, keep.data(), sc);
-      for (int64_t j = 0; j < K; ++j) y[t * K + j] = keep[j] ? x[t * K + j] : 0.0f;
-    }
-  });
+  select_rows(x, T, K, n, m, scale, colnorm, y, nullptr, pf);
 }
 
 void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,

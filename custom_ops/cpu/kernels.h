@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "nm_select.h"
+#include "op_attrs.h"
 #include "sparse_gemm.h"
 
 namespace nm_onnx {
@@ -24,10 +25,8 @@ void nm_keep_rows(const float* x, int64_t T, int64_t K, int n, int m, const floa
 void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float* scale,
                  const float* colnorm, float* y, const ParallelFor& pf);
 
-struct SparseMatMulArgs {
-  int n = 0, m = 1;
-  Shift shift = Shift::kNone;
-  bool variance_correction = false;
+// The node's attributes plus its optional float32 inputs.
+struct SparseMatMulArgs : NMSparseMatMulAttrs {
   const float* channel_scale = nullptr;  // [K] or null
   const float* shift_bias = nullptr;     // [O] or null
   const float* bias = nullptr;           // [O] or null

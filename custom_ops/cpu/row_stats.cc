@@ -139,7 +139,7 @@ inline double combine(const double* a) {
 
 // xs[j] where kept, +0 elsewhere (a bit mask, so the loops vectorise).
 inline float kept_value(const float* xs, const uint8_t* keep, int64_t j) {
-  return bits_float(float_bits(xs[j]) & (0u - static_cast<uint32_t>(keep[j] != 0)));
+  return bit_cast<float>(bit_cast<uint32_t>(xs[j]) & (0u - static_cast<uint32_t>(keep[j] != 0)));
 }
 
 #define NM_VARIANCE_BODY                                                              \

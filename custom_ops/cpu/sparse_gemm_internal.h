@@ -22,7 +22,7 @@ struct GemmBlock {
   int64_t t0, t1, o0, o1;
 };
 
-// Many tokens (prefill): register tiles of Y, see sparse_gemm_avx512.cc.
+// Many tokens (prefill): register tiles of Y (sparse_gemm_kernels.h, written once for both ISAs).
 void sparse_gemm_block_scalar(const GemmBlock& blk);
 void sparse_gemm_block_avx2(const GemmBlock& blk);
 void sparse_gemm_block_avx512(const GemmBlock& blk);

@@ -1,6 +1,7 @@
 // CUDA kernels of TokenShift, NMMask and NMSparseMatMul (float32, float16, bfloat16; math in float32,
 // float64 for means, variances and clact column norms). The selection rules are nm_select.h, shared
-// with the CPU kernels. Correct and simple rather than fast: the decode-speed work owns fast paths.
+// with the CPU kernels. NMSparseMatMul decode (T <= 16) reads only the kept rows of B through the
+// split-K GEMV of sparse_gemv.cu; the rest is correct and simple rather than fast.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,12 +11,14 @@
 
 #include "launch.h"
 #include "nm_select.h"
+#include "sparse_gemv.cuh"
 
 namespace nm_onnx {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kDecodeRows = 16;  // NMSparseMatMul with up to this many tokens: the split-K GEMV
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -196,7 +199,18 @@ __global__ void variance_kernel(const T* x, const float* xh, int64_t T_, int64_t
   }
 }
 
-// Y[t, o] = ((sum over kept k of xh[t, k] * B[k, o]) + eta_t * sb[o]) * v_t + bias[o]; one thread per output.
+// The epilogue of output (t, o) from its GEMM sum z: ((z + eta_t * sb[o]) * v_t) + bias[o], each term
+// when given, in float32, cast to T.
+template <typename T>
+__device__ __forceinline__ T finish(float z, int64_t t, int64_t o, const float* eta, const T* sb, const float* v,
+                                    const T* bias) {
+  if (sb) z = z + eta[t] * to_f(sb[o]);
+  if (v) z = z * v[t];
+  if (bias) z = z + to_f(bias[o]);
+  return from_f<T>(z);
+}
+
+// Many tokens: Y[t, o] = finish(sum over kept k of xh[t, k] * B[k, o]); one thread per output.
 template <typename T>
 __global__ void sparse_gemm_kernel(const float* xh, const uint8_t* keep, const T* b, const float* eta, const T* sb,
                                    const float* v, const T* bias, int64_t T_, int64_t K, int64_t O, T* y) {
@@ -208,10 +222,30 @@ __global__ void sparse_gemm_kernel(const float* xh, const uint8_t* keep, const T
     float z = 0.0f;
     for (int64_t k = 0; k < K; ++k)
       if (kr[k]) z += hr[k] * to_f(b[k * O + o]);
-    if (sb) z = z + eta[t] * to_f(sb[o]);
-    if (v) z = z * v[t];
-    if (bias) z = z + to_f(bias[o]);
-    y[i] = from_f<T>(z);
+    y[i] = finish(z, t, o, eta, sb, v, bias);
+  }
+}
+
+// Decode: Y = finish(z) of the float32 sums z [T, O] of the split-K GEMV (sparse_gemv.cu).
+template <typename T>
+__global__ void finish_kernel(const float* z, const float* eta, const T* sb, const float* v, const T* bias,
+                              int64_t T_, int64_t O, T* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T_ * O; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = finish(z[i], i / O, i % O, eta, sb, v, bias);
+}
+
+// Kept-index lists of an N:M keep mask [T, K] (exactly n kept per group of m): group g (groups of all
+// rows in order, K / m per row) writes its kept columns, ascending, to idx[g * n .. g * n + n), so
+// row t's list is idx[t * kept ..) with kept = K / m * n. One thread per group, no scan.
+__global__ void group_indices_kernel(const uint8_t* keep, int64_t groups, int64_t groups_per_row, int m, int n,
+                                     int32_t* idx) {
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const uint8_t* kr = keep + g * m;
+    int32_t* out = idx + g * n;
+    const int32_t j0 = static_cast<int32_t>((g % groups_per_row) * m);
+    int c = 0;
+    for (int q = 0; q < m && c < n; ++q)
+      if (kr[q]) out[c++] = j0 + q;
   }
 }
 
@@ -229,83 +263,93 @@ struct Scratch {
   U* as() const { return static_cast<U*>(p); }
 };
 
+// The launchers take the device pointers untyped (launch.h) and cast them to the node's element type T.
 template <typename T>
-void token_shift_t(const T* x, T* xc, T* eta_out, int64_t T_, int64_t K, Shift mode, cudaStream_t s) {
+void token_shift_t(const void* xv, void* xcv, void* etav, int64_t T_, int64_t K, const TokenShiftAttrs& a,
+                   cudaStream_t s) {
   if (T_ == 0) return;
+  const T* x = static_cast<const T*>(xv);
+  T* eta_out = static_cast<T*>(etav);
   Scratch eta(sizeof(float) * T_, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(mode), eta.as<float>());
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(a.mode),
+                                                                     eta.as<float>());
   if (K > 0)
-    subtract_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), xc, eta_out, T_ * K, K);
+    subtract_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<T*>(xcv), eta_out,
+                                                               T_ * K, K);
   else
     eta_out_kernel<T><<<blocks_for(T_), kThreads, 0, s>>>(eta.as<float>(), eta_out, T_);
   check(cudaGetLastError(), "TokenShift CUDA kernel");
 }
 
 template <typename T>
-void nm_mask_t(const T* x, const T* cs, T* y, int64_t T_, int64_t K, int n, int m, Criterion c, cudaStream_t s) {
+void nm_mask_t(const void* xv, const void* csv, void* yv, int64_t T_, int64_t K, const NMMaskAttrs& a,
+               cudaStream_t s) {
   if (T_ * K == 0) return;
-  Scratch colnorm(c == Criterion::kClact ? sizeof(float) * K : 0, s);
-  if (c == Criterion::kClact) column_norm_kernel<T><<<blocks_for(K), kThreads, 0, s>>>(x, T_, K, colnorm.as<float>());
-  nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, nullptr, cs, colnorm.as<float>(), T_ * K, K, n, m, y,
-                                                            nullptr, nullptr);
+  const T* x = static_cast<const T*>(xv);
+  const bool clact = a.criterion == Criterion::kClact;
+  Scratch colnorm(clact ? sizeof(float) * K : 0, s);
+  if (clact) column_norm_kernel<T><<<blocks_for(K), kThreads, 0, s>>>(x, T_, K, colnorm.as<float>());
+  nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, nullptr, static_cast<const T*>(csv),
+                                                            colnorm.as<float>(), T_ * K, K, a.n, a.m,
+                                                            static_cast<T*>(yv), nullptr, nullptr);
   check(cudaGetLastError(), "NMMask CUDA kernel");
 }
 
 template <typename T>
-void nm_sparse_matmul_t(const T* x, const T* b, const T* cs, const T* sb, const T* bias, T* y, int64_t T_,
-                        int64_t K, int64_t O, const SparseMatMulParams& p, cudaStream_t s) {
+void nm_sparse_matmul_t(const void* xv, const void* bv, const void* csv, const void* sbv, const void* biasv, void* yv,
+                        int64_t T_, int64_t K, int64_t O, const NMSparseMatMulAttrs& p, cudaStream_t s) {
   if (T_ * O == 0) return;
+  const T* x = static_cast<const T*>(xv);
   Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift), eta.as<float>());
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
+                                                                     eta.as<float>());
   if (K > 0)
-    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), cs, nullptr, T_ * K, K, p.n, p.m,
-                                                              nullptr, xh.as<float>(), keep.as<uint8_t>());
+    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv), nullptr,
+                                                              T_ * K, K, p.n, p.m, nullptr, xh.as<float>(),
+                                                              keep.as<uint8_t>());
   if (p.variance_correction)
     variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
-  sparse_gemm_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(xh.as<float>(), keep.as<uint8_t>(), b, eta.as<float>(),
-                                                                sb, p.variance_correction ? v.as<float>() : nullptr,
-                                                                bias, T_, K, O, y);
+  const T* b = static_cast<const T*>(bv);
+  const T* sb = static_cast<const T*>(sbv);
+  const T* bias = static_cast<const T*>(biasv);
+  const float* vt = p.variance_correction ? v.as<float>() : nullptr;
+  if (T_ <= kDecodeRows) {  // read only the kept rows of B, split over K so that one token fills the GPU
+    const int64_t kept = K / p.m * p.n, groups = T_ * (K / p.m);
+    Scratch idx(sizeof(int32_t) * T_ * kept, s), z(sizeof(float) * T_ * O, s);
+    if (kept > 0)
+      group_indices_kernel<<<blocks_for(groups), kThreads, 0, s>>>(keep.as<uint8_t>(), groups, K / p.m, p.m, p.n,
+                                                                    idx.as<int32_t>());
+    check(sparse_gemv<T>(xh.as<float>(), idx.as<int32_t>(), T_, K, kept, b, O, z.as<float>(), s), "sparse GEMV");
+    finish_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(z.as<float>(), eta.as<float>(), sb, vt, bias, T_, O,
+                                                             static_cast<T*>(yv));
+  } else {
+    sparse_gemm_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(xh.as<float>(), keep.as<uint8_t>(), b,
+                                                                  eta.as<float>(), sb, vt, bias, T_, K, O,
+                                                                  static_cast<T*>(yv));
+  }
   check(cudaGetLastError(), "NMSparseMatMul CUDA kernel");
 }
 
 }  // namespace
 
-#define NM_DISPATCH(dt, FN, ...)                                                             \
-  switch (dt) {                                                                              \
-    case DType::kF32: FN<float>(__VA_ARGS__); break;                                         \
-    case DType::kF16: FN<__half>(__VA_ARGS__); break;                                        \
-    case DType::kBF16: FN<__nv_bfloat16>(__VA_ARGS__); break;                                \
+#define NM_DISPATCH(dt, FN, ...)                                  \
+  switch (dt) {                                                   \
+    case DType::kF32: FN<float>(__VA_ARGS__); break;              \
+    case DType::kF16: FN<__half>(__VA_ARGS__); break;             \
+    case DType::kBF16: FN<__nv_bfloat16>(__VA_ARGS__); break;     \
   }
 
-template <typename T>
-static void token_shift_d(const void* x, void* xc, void* eta, int64_t T_, int64_t K, Shift mode, void* s) {
-  token_shift_t<T>(static_cast<const T*>(x), static_cast<T*>(xc), static_cast<T*>(eta), T_, K, mode,
-                   static_cast<cudaStream_t>(s));
+void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, const TokenShiftAttrs& a,
+                 void* stream) {
+  NM_DISPATCH(dt, token_shift_t, x, xc, eta, T, K, a, static_cast<cudaStream_t>(stream))
 }
-template <typename T>
-static void nm_mask_d(const void* x, const void* cs, void* y, int64_t T_, int64_t K, int n, int m, Criterion c,
-                      void* s) {
-  nm_mask_t<T>(static_cast<const T*>(x), static_cast<const T*>(cs), static_cast<T*>(y), T_, K, n, m, c,
-               static_cast<cudaStream_t>(s));
-}
-template <typename T>
-static void nm_sparse_matmul_d(const void* x, const void* b, const void* cs, const void* sb, const void* bias,
-                               void* y, int64_t T_, int64_t K, int64_t O, const SparseMatMulParams& p, void* s) {
-  nm_sparse_matmul_t<T>(static_cast<const T*>(x), static_cast<const T*>(b), static_cast<const T*>(cs),
-                        static_cast<const T*>(sb), static_cast<const T*>(bias), static_cast<T*>(y), T_, K, O, p,
-                        static_cast<cudaStream_t>(s));
-}
-
-void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, Shift mode, void* stream) {
-  NM_DISPATCH(dt, token_shift_d, x, xc, eta, T, K, mode, stream)
-}
-void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_t K, int n, int m, Criterion c,
+void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_t K, const NMMaskAttrs& a,
              void* stream) {
-  NM_DISPATCH(dt, nm_mask_d, x, cs, y, T, K, n, m, c, stream)
+  NM_DISPATCH(dt, nm_mask_t, x, cs, y, T, K, a, static_cast<cudaStream_t>(stream))
 }
 void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* cs, const void* sb, const void* bias,
-                      void* y, int64_t T, int64_t K, int64_t O, const SparseMatMulParams& p, void* stream) {
-  NM_DISPATCH(dt, nm_sparse_matmul_d, x, b, cs, sb, bias, y, T, K, O, p, stream)
+                      void* y, int64_t T, int64_t K, int64_t O, const NMSparseMatMulAttrs& a, void* stream) {
+  NM_DISPATCH(dt, nm_sparse_matmul_t, x, b, cs, sb, bias, y, T, K, O, a, static_cast<cudaStream_t>(stream))
 }
 
 }  // namespace cuda

@@ -3,25 +3,21 @@
 #pragma once
 #include <cstdint>
 
-#include "nm_select.h"
+#include "op_attrs.h"
 
 namespace nm_onnx {
 namespace cuda {
 
 enum class DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-struct SparseMatMulParams {
-  int n = 0, m = 1;
-  Shift shift = Shift::kNone;
-  bool variance_correction = false;
-};
-
 // Each throws std::runtime_error on a CUDA error.
-void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, Shift mode, void* stream);
-void nm_mask(DType dt, const void* x, const void* channel_scale, void* y, int64_t T, int64_t K, int n, int m,
-             Criterion criterion, void* stream);
+// Device pointers of the node's dtype dt; absent optional inputs are null.
+void token_shift(DType dt, const void* x, void* xc, void* eta, int64_t T, int64_t K, const TokenShiftAttrs& a,
+                 void* stream);
+void nm_mask(DType dt, const void* x, const void* channel_scale, void* y, int64_t T, int64_t K, const NMMaskAttrs& a,
+             void* stream);
 void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* channel_scale, const void* shift_bias,
-                      const void* bias, void* y, int64_t T, int64_t K, int64_t O, const SparseMatMulParams& p,
+                      const void* bias, void* y, int64_t T, int64_t K, int64_t O, const NMSparseMatMulAttrs& a,
                       void* stream);
 
 }  // namespace cuda

@@ -27,29 +27,19 @@ constexpr int kMaxM = 64;  // largest group size ranked by pairwise counting (la
 enum class Criterion { kMagnitude = 0, kClact = 1 };
 enum class Shift { kNone = 0, kMedian = 1, kMean = 2 };
 
-NM_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-NM_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
+// The bits of a value as another type of the same size: bit_cast<uint32_t>(f), bit_cast<float>(u)
+// (memcpy is a register move on the host and on the device).
+template <typename To, typename From>
+NM_HD To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of equal size");
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
 }
 
 // Order-preserving key of a score: a > b <=> key(a) > key(b); every NaN -> the largest key; -0 -> +0.
 NM_HD uint32_t score_key(float s) {
-  const uint32_t b = float_bits(s + 0.0f);  // -0 + 0 = +0 (round to nearest)
+  const uint32_t b = bit_cast<uint32_t>(s + 0.0f);  // -0 + 0 = +0 (round to nearest)
   // Negative: flip all bits; non-negative: set the sign bit (branch-free, vectorisable).
   const uint32_t k = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
   return s != s ? 0xFFFFFFFFu : k;
@@ -57,7 +47,7 @@ NM_HD uint32_t score_key(float s) {
 
 // Inverse of score_key for non-NaN keys.
 NM_HD float key_score(uint32_t k) {
-  return bits_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+  return bit_cast<float>((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
 // Rank of entry j inside a group of m keys (tie rule: equal keys, lower index first).

@@ -1,5 +1,6 @@
-// ONNX Runtime glue shared by the CPU and CUDA op definitions: attribute parsing, validation
-// messages (op, input, fix), shape helpers and the ParallelFor adapter over ORT's intra-op pool.
+// ONNX Runtime plumbing shared by the CPU and CUDA ops: the user-facing error type, node labels,
+// attribute reads, input shapes, the ParallelFor adapter over ORT's intra-op pool and the wrapper that
+// turns exceptions into ORT statuses. What each op accepts is op_defs.h.
 //
 // Built against the C API 21 headers with ORT_API_MANUAL_INIT: register.cc initialises the API.
 #pragma once
@@ -13,8 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "nm_select.h"
-#include "sparse_gemm.h"
+#include "sparse_gemm.h"  // ParallelFor
 
 namespace nm_onnx {
 
@@ -63,50 +63,21 @@ inline std::string attr_string(const OrtKernelInfo* info, const char* name, cons
   return out;
 }
 
-inline void check_pattern(const std::string& label, int64_t n, int64_t m) {
-  if (m < 1 || m > (int64_t{1} << 30))
-    throw OpError(label + ": attribute m=" + std::to_string(m) + " is out of range; use m >= 1 "
-                  "(e.g. 2:4, 8:16; m = K for unstructured top-n)");
-  if (n < 0 || n > m)
-    throw OpError(label + ": attribute n=" + std::to_string(n) + " must satisfy 0 <= n <= m=" +
-                  std::to_string(m) + "; e.g. n=8, m=16 for 8:16");
-}
-
-inline Criterion parse_criterion(const std::string& label, const std::string& s) {
-  if (s == "magnitude") return Criterion::kMagnitude;
-  if (s == "clact") return Criterion::kClact;
-  throw OpError(label + ": attribute criterion='" + s + "' is unknown; use 'magnitude' or 'clact'");
-}
-
-inline Shift parse_shift(const std::string& label, const char* attr, const std::string& s, bool allow_none) {
-  if (allow_none && s == "none") return Shift::kNone;
-  if (s == "median") return Shift::kMedian;
-  if (s == "mean") return Shift::kMean;
-  throw OpError(label + ": attribute " + attr + "='" + s + "' is unknown; use " +
-                (allow_none ? "'none', 'median' or 'mean'" : "'median' or 'mean'"));
-}
-
 inline std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
 }
 
-inline const char* dtype_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
-    default: return "a non-float type";
-  }
-}
-
-// Shape of an input tensor; an absent optional input gives has=false.
+// An input tensor and its shape; an absent optional input gives has=false and null data.
 struct InputInfo {
   bool has = false;
   std::vector<int64_t> shape;
   int64_t size = 0;
+  Ort::ConstValue value{nullptr};
+  const void* raw() const { return has ? value.GetTensorRawData() : nullptr; }
+  template <typename T>
+  const T* data() const { return has ? value.template GetTensorData<T>() : nullptr; }
 };
 
 inline InputInfo input_info(Ort::KernelContext& ctx, size_t i) {
@@ -116,35 +87,13 @@ inline InputInfo input_info(Ort::KernelContext& ctx, size_t i) {
   if (static_cast<const OrtValue*>(v) == nullptr) return r;
   auto ti = v.GetTensorTypeAndShapeInfo();
   r.has = true;
+  r.value = v;
   r.shape = ti.GetShape();
   r.size = static_cast<int64_t>(ti.GetElementCount());
   return r;
 }
 
-// X [..., K] must have rank >= 1 and K % m == 0; returns (T, K).
-inline void check_x(const std::string& label, const InputInfo& x, int64_t m, int64_t* T, int64_t* K) {
-  if (x.shape.empty())
-    throw OpError(label + ": input X has rank 0; it needs rank >= 1 with features on the last axis "
-                          "(reshape a scalar to [1])");
-  *K = x.shape.back();
-  *T = 1;
-  for (size_t i = 0; i + 1 < x.shape.size(); ++i) *T *= x.shape[i];
-  if (m > 0 && *K % m != 0)
-    throw OpError(label + ": input X has K=" + std::to_string(*K) +
-                  " features on its last axis, not a multiple of m=" + std::to_string(m) +
-                  "; choose an N:M pattern whose M divides " + std::to_string(*K) +
-                  " or leave this layer dense");
-}
-
-inline void check_vector(const std::string& label, const char* name, const InputInfo& v, int64_t len,
-                         const char* what) {
-  if (!v.has) return;
-  if (v.shape.size() != 1 || v.shape[0] != len)
-    throw OpError(label + ": input " + name + " has shape " + shape_str(v.shape) +
-                  "; it must be 1-D of length " + std::to_string(len) + " (" + what + ")");
-}
-
-// ParallelFor over ORT's intra-op thread pool: splits [0, n) into at most 4 * threads contiguous chunks.
+// ParallelFor over ORT's intra-op thread pool: splits [0, n) into at most 64 contiguous chunks.
 inline ParallelFor make_parallel_for(const Ort::KernelContext& ctx) {
   return [&ctx](std::ptrdiff_t n, const std::function<void(std::ptrdiff_t, std::ptrdiff_t)>& fn) {
     if (n <= 0) return;
@@ -170,6 +119,20 @@ inline ParallelFor make_parallel_for(const Ort::KernelContext& ctx) {
 
 inline OrtStatusPtr to_status(const OrtApi& api, const std::exception& e, OrtErrorCode code) {
   return api.CreateStatus(code, e.what());
+}
+
+// Runs a kernel body; errors become ORT statuses, never exceptions across the C API. An OpError is
+// the user's (invalid argument, already labelled); anything else is labelled with the op and node.
+template <typename F>
+OrtStatusPtr guarded(const std::string& label, F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const OpError& e) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (label + ": " + e.what()).c_str());
+  }
 }
 
 }  // namespace nm_onnx
