@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"{name}: interrupted by {signal.Signals(signum).name}; partial outputs removed", file=sys.stderr)
         return 128 + signum
-    except Exception as e:  # noqa: BLE001 - a bug: one line and a saved traceback, not a bare dump
+    except Exception as e:  # a bug: one line and a saved traceback, not a bare dump
         if os.environ.get("NM_ONNX_DEBUG"):
             raise
         path = _bug_report(args.command, e)

@@ -195,8 +195,8 @@ def check_parent_writable(out: str | os.PathLike) -> None:
     if not p.is_dir():
         raise NmOnnxError(f"cannot write '{out}': '{p}' is not a directory")
     try:  # a real write: os.access is fooled by root and by read-only mounts
-        probe = tempfile.NamedTemporaryFile(prefix=PARTIAL_PREFIX + f"{_HOST}-{os.getpid()}-probe-", dir=p)
-        probe.close()
+        with tempfile.NamedTemporaryFile(prefix=PARTIAL_PREFIX + f"{_HOST}-{os.getpid()}-probe-", dir=p):
+            pass
     except OSError as e:
         raise NmOnnxError(f"cannot write '{out}': {os_error(e, p)}") from None
 

@@ -322,10 +322,10 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
 def _exposing_session(sparse_path, names: list[str]):
     """(session, temp dir) of the sparse model with extra graph outputs `names` (weights not copied)."""
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from nm_onnx.graph.load import model_file, read_proto
     from nm_onnx.runtime import make_session
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     src = model_file(sparse_path)
     proto = read_proto(src)
@@ -438,11 +438,12 @@ def check_perplexity(sparse_path, model, windows: np.ndarray) -> CheckResult:
     standard error of the mean paired difference of the per-window NLLs; the verdict says whether
     they did (perplexity_verdict).
     """
-    from nm_onnx.evaluation.perplexity import perplexity_onnx, perplexity_torch
+    from nm_onnx.evaluation.perplexity import perplexity_onnx
+    from nm_onnx.reference.perplexity import nll_torch
     from nm_onnx.runtime import make_session
 
     ort_r = perplexity_onnx(make_session(sparse_path), windows, desc="sparse ORT")
-    torch_r = perplexity_torch(model, windows, desc="torch simulation")
+    torch_r = nll_torch(model, windows, progress=True, desc="torch simulation")
     rel = abs(ort_r.perplexity / torch_r.perplexity - 1)
     diff = np.asarray(ort_r.window_nll) - np.asarray(torch_r.window_nll)
     # exp(mean diff) - 1 ~ mean diff for small differences: the s.e. of the mean is the relative s.e.

@@ -18,10 +18,6 @@ from nm_onnx.evaluation.latency import summarize_profile
 needs_lib = pytest.mark.skipif(not ops.library_available(), reason="op library not built (make ops)")
 
 
-def _cli(*args):
-    return run_cli(*args, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def sparse_dir(tmp_path_factory):
     """A real `transform` output (8:16 with median shift and variance correction, fused)."""
@@ -34,7 +30,7 @@ def sparse_dir(tmp_path_factory):
 
 @needs_lib
 def test_bench_sparse_vs_dense_json(sparse_dir):
-    r = _cli("bench", str(sparse_dir), "--baseline", str(tiny_export("llama")), "--prompt", "32",
+    r = run_cli("bench", str(sparse_dir), "--baseline", str(tiny_export("llama")), "--prompt", "32",
              "--decode", "4", "--repeats", "2", "--top", "5", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -80,18 +76,18 @@ def test_profile_counts_our_kernel(sparse_dir):
 
 
 def test_bench_markdown_without_baseline():
-    r = _cli("bench", str(tiny_export("llama")), "--prompt", "8", "--decode", "2", "--repeats", "1", "--top", "3")
+    r = run_cli("bench", str(tiny_export("llama")), "--prompt", "8", "--decode", "2", "--repeats", "1", "--top", "3")
     assert r.returncode == 0, r.stderr
     assert "| model |" in r.stdout and "ORT per-op profile of model" in r.stdout
 
 
 def test_decode_needs_kv_cache():
     nopast = tiny_export("llama", with_past=False)
-    r = _cli("bench", str(nopast), "--prompt", "8", "--decode", "4", "--repeats", "1")
+    r = run_cli("bench", str(nopast), "--prompt", "8", "--decode", "4", "--repeats", "1")
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "has no KV cache" in lines[0] and "--decode 0" in lines[0], r.stderr
-    r = _cli("bench", str(nopast), "--prompt", "8", "--decode", "0", "--repeats", "1", "--top", "0", "--json")
+    r = run_cli("bench", str(nopast), "--prompt", "8", "--decode", "0", "--repeats", "1", "--top", "0", "--json")
     assert r.returncode == 0, r.stderr
     assert "decode_tok_s" not in json.loads(r.stdout)["results"]["model"]
 
@@ -111,7 +107,7 @@ def test_summarize_profile_aggregates_kernel_events():
 
 
 def test_bad_repeats():
-    from nm_onnx.commands.bench import bench
+    from nm_onnx.bench import bench
 
     with pytest.raises(NmOnnxError, match="--repeats"):
         bench(tiny_export("llama"), repeats=0)

@@ -42,8 +42,8 @@ def test_windows_start_with_the_bos_of_a_bos_tokenizer(tok):
 
 
 def test_every_perplexity_path_uses_the_bos(tok, tmp_path):
-    from nm_onnx.evaluation.perplexity import perplexity_torch
     from nm_onnx.models import load_hf_model
+    from nm_onnx.reference.perplexity import nll_torch
 
     exp, hf = tiny_bos_export(), tiny_hf("llama", bos=True)
     r = run_cli("evaluate", exp, "--seqlen", "64", "--limit", "2", "--json")
@@ -52,7 +52,7 @@ def test_every_perplexity_path_uses_the_bos(tok, tmp_path):
     assert ort["bos"] is True
     model, _ = load_hf_model(hf)
     windows = eval_windows(tokenize(tok, load_eval_text("wikitext2").text), 64, 2, tok.bos_token_id)
-    assert ort["perplexity"] == pytest.approx(perplexity_torch(model, windows, progress=False).perplexity, rel=1e-4)
+    assert ort["perplexity"] == pytest.approx(nll_torch(model, windows).perplexity, rel=1e-4)
     r = run_cli("evaluate-torch", hf, "--recipe", "dense", "--seqlen", "64", "--limit", "2", "--json")
     assert r.returncode == 0, r.stderr
     twin = json.loads(r.stdout)

@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 from models_cache import tiny_export, tiny_hf
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "nm_onnx", *args], check=False, capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_perplexity_matches_torch(tmp_path):
     from nm_onnx.data import eval_windows, load_eval_text, tokenize
-    from nm_onnx.evaluation.perplexity import perplexity_torch
     from nm_onnx.models import load_hf_model
+    from nm_onnx.reference.perplexity import nll_torch
 
     out = tmp_path / "res"
-    r = _cli("evaluate", str(tiny_export("llama")), "--seqlen", "48", "--limit", "3", "--json", "--out", str(out))
+    r = run_cli("evaluate", str(tiny_export("llama")), "--seqlen", "48", "--limit", "3", "--json", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["perplexity"]["windows"] == 3 and res["perplexity"]["seqlen"] == 48
     assert res["perplexity"]["tokens"] == 3 * 47
     model, tok = load_hf_model(tiny_hf("llama"))
     windows = eval_windows(tokenize(tok, load_eval_text("wikitext2").text), 48, 3)
-    ref = perplexity_torch(model, windows, progress=False).perplexity
+    ref = nll_torch(model, windows).perplexity
     assert abs(res["perplexity"]["perplexity"] / ref - 1) < 1e-4
     assert json.loads((out / "results.json").read_text()) == res
     md = (out / "results.md").read_text()
@@ -35,7 +30,7 @@ def test_evaluate_perplexity_matches_torch(tmp_path):
 
 
 def test_evaluate_tasks_markdown():
-    r = _cli("evaluate", str(tiny_export("llama")), "--ppl", "none", "--tasks", "boolq,piqa", "--limit", "2")
+    r = run_cli("evaluate", str(tiny_export("llama")), "--ppl", "none", "--tasks", "boolq,piqa", "--limit", "2")
     assert r.returncode == 0, r.stderr
     assert "| boolq | 2 |" in r.stdout and "| piqa | 2 |" in r.stdout
 
@@ -49,7 +44,7 @@ def test_evaluate_tasks_markdown():
     ],
 )
 def test_evaluate_bad_input_one_line_exit_2(args, needle):
-    r = _cli("evaluate", str(tiny_export("llama")), *args)
+    r = run_cli("evaluate", str(tiny_export("llama")), *args)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
-
+from conftest import run_cli
 from models_cache import smollm2_export, tiny_export, tiny_hf
+
 from nm_onnx.graph import find_linear_sites, load_model
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "nm_onnx", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +109,11 @@ def test_inspect_dynamo_export_matches_optimum(tmp_path):
 
 def test_export_no_past_and_cli_inspect_json(tmp_path):
     out = tmp_path / "nopast"
-    r = _cli("export", str(tiny_hf("mistral")), str(out), "--no-past")
+    r = run_cli("export", str(tiny_hf("mistral")), str(out), "--no-past")
     assert r.returncode == 0, r.stderr
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not [i for i in m.graph.input if i.name.startswith("past_key_values")]
-    r = _cli("inspect", str(out), "--json")
+    r = run_cli("inspect", str(out), "--json")
     assert r.returncode == 0, r.stderr
     import json
 
@@ -144,7 +139,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
     subst = {"OUT": str(tmp_path / "o"), "NOT_ONNX": str(not_onnx), "TRUNCATED": str(trunc),
              "EMPTY_DIR": str(tmp_path / "empty")}
-    r = _cli(*[subst.get(a, a) for a in args])
+    r = run_cli(*[subst.get(a, a) for a in args])
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr

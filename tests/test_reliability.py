@@ -210,7 +210,7 @@ def tmpfs(tmp_path):
     def mount(options: str) -> Path:
         p = tmp_path / f"fs{len(mounted)}"
         p.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(p)], capture_output=True, text=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(p)], capture_output=True, text=True, check=False)
         if r.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         mounted.append(p)
@@ -218,7 +218,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for p in mounted:
-        subprocess.run(["umount", "-l", str(p)], capture_output=True)
+        subprocess.run(["umount", "-l", str(p)], capture_output=True, check=False)
 
 
 @needs_library
@@ -258,7 +258,8 @@ def test_permission_denied_is_named(tmp_path):
     for p in [src, *src.iterdir()]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     r = subprocess.run([*prefix, sys.executable, "-m", "nm_onnx", "transform", str(src), str(locked / "out"),
-                        "--recipe", "8:16-magnitude"], capture_output=True, text=True, env=env, timeout=600)
+                        "--recipe", "8:16-magnitude"], capture_output=True, text=True, env=env, timeout=600,
+                       check=False)
     one_error(r, "permission denied")
 
 
@@ -339,7 +340,8 @@ print("torch imported" if "torch" in sys.modules else "no torch", rc)
     (("validate", "D", "S", "--model", "m", "--recipe", "8:16-magnitude", "--limit", "0"), "--limit"),
 ])
 def test_bad_options_fail_before_torch_is_imported(args, needle):
-    r = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=120,
+                       check=False)
     assert r.stdout.split() == ["no", "torch", "2"], r.stdout + r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -226,7 +226,7 @@ def test_external_data_writer_round_trip(tmp_path, monkeypatch):
     import onnx_ir as ir
     from onnx import numpy_helper
 
-    import nm_onnx.transform as tr
+    import nm_onnx.graph.save as tr
 
     monkeypatch.setattr(tr, "_COPY_CHUNK", 8192)  # several pieces per tensor, padded last piece
     rng = np.random.default_rng(0)

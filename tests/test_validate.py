@@ -177,7 +177,7 @@ def test_layerwise_check_finds_every_site_of_a_dynamo_export(tmp_path):
     from nm_onnx.transform import transform
     from nm_onnx.validate import check_layerwise
 
-    model, tok = load_hf_model(tiny_hf("llama"))
+    model, _ = load_hf_model(tiny_hf("llama"))
     ids = torch.randint(0, 500, (1, 8))
     prog = torch.onnx.export(model, (ids,), kwargs={"use_cache": False}, dynamo=True, optimize=False)
     prog.save(str(tmp_path / "dyn.onnx"))

@@ -18,8 +18,8 @@ import numpy as np
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.io import atomic_dir
+from nm_onnx.method import CONSTANT_NAMES
 from nm_onnx.recipe import SparsityRecipe
-from nm_onnx.reference.modules import CONSTANT_NAMES
 
 RECIPE_FILE = "recipe.json"
 CONSTANTS_FILE = "constants.safetensors"

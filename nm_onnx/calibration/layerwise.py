@@ -18,6 +18,7 @@ written atomically at the end and the state directory is removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ from torch import nn
 
 from nm_onnx.calibration.artifact import CalibrationArtifact
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.progress import progress as progress_bar
 from nm_onnx.recipe import SparsityRecipe
 from nm_onnx.reference import functional as F
 from nm_onnx.reference.modules import SparseLinear, decoder_layers, sparsify_model, unsparsify_model
@@ -111,6 +113,27 @@ def layer_mse(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kw:
     for i in range(len(inputs)):
         total += float(nn.functional.mse_loss(_layer_out(layer, inputs[i], kw), targets[i]))
     return total / max(len(inputs), 1)
+
+
+@contextlib.contextmanager
+def _median_stats(modules):
+    """{module: [sum of per-token medians of its input, tokens]} collected by forward pre-hooks while
+    the block runs (the static shift's statistic, METHOD.md item 2)."""
+    stats: dict = {}
+
+    def hook(mod, args):
+        with torch.no_grad():
+            med = F.token_median(args[0].detach().float())
+            s = stats.setdefault(mod, [0.0, 0])
+            s[0] += float(med.double().sum())
+            s[1] += med.numel()
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -208,8 +231,6 @@ def calibrate(
     artifact.
     """
     from nm_onnx.io import check_output_dir
-    from tqdm import tqdm
-
     recipe = SparsityRecipe.load(recipe)
     out = Path(out)
     check_output_dir(out, "calibration", input_paths, overwrite)
@@ -257,7 +278,7 @@ def calibrate(
             inputs, layer_kwargs = capture_layer_inputs(model, layers, windows)
             for w in wrappers.values():
                 w.enabled = True
-            bar = tqdm(range(n_layers), desc=f"calibrate {recipe.name}", unit="layer", disable=not progress)
+            bar = progress_bar(range(n_layers), f"calibrate {recipe.name}", progress, unit="layer")
             for i in bar:
                 layer, kw, ws = layers[i], layer_kwargs[i], by_layer[i]
                 done = state_dir / f"layer_{i:04d}.json"
@@ -276,12 +297,12 @@ def calibrate(
                     continue
                 for w in ws.values():
                     w.enabled = False
-                    w.stats = {} if recipe.shift == "static" else None
-                targets = run_layer(layer, inputs, kw)
+                with _median_stats(ws.values() if recipe.shift == "static" else ()) as stats:
+                    targets = run_layer(layer, inputs, kw)
                 for w in ws.values():
-                    if w.stats is not None:
-                        w.static_shift = torch.tensor(w.stats["median_sum"] / w.stats["tokens"], dtype=torch.float32)
-                    w.enabled, w.stats = True, None
+                    if w in stats:
+                        w.static_shift = torch.tensor(stats[w][0] / stats[w][1], dtype=torch.float32)
+                    w.enabled = True
                 loss_before = layer_mse(layer, inputs, targets, kw)
                 params = [p for w in ws.values() for p in w.learnable()]
                 losses = fit_layer(layer, params, inputs, targets, kw, recipe.calibration,

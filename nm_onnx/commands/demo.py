@@ -143,13 +143,13 @@ class Demo:
         return max(0, min(self.args.twin_limit, len(self.windows)))
 
     def ppl_torch(self, label):
-        from nm_onnx.evaluation.perplexity import perplexity_torch
+        from nm_onnx.reference.perplexity import nll_torch
 
         k = self.twin_windows()
         if not k:
             return None
         _step(f"{label}: PyTorch twin perplexity on {k} windows")
-        return perplexity_torch(self.model, self.windows[:k], desc=f"{label} (torch)").perplexity
+        return nll_torch(self.model, self.windows[:k], progress=True, desc=f"{label} (torch)").perplexity
 
     def calibration(self, recipe):
         """Artifact directory for a recipe that needs one (small budget), else None."""
@@ -224,9 +224,9 @@ class Demo:
             try:
                 apply_weight_pruning(self.model, cfg.recipe, "magnitude")
                 _step(f"{cfg.name}: PyTorch perplexity (weights pruned {cfg.recipe}, reference)")
-                from nm_onnx.evaluation.perplexity import perplexity_torch
+                from nm_onnx.reference.perplexity import nll_torch
 
-                row["ppl_torch"] = perplexity_torch(self.model, self.windows, desc=cfg.name).perplexity
+                row["ppl_torch"] = nll_torch(self.model, self.windows, progress=True, desc=cfg.name).perplexity
             finally:
                 with torch.no_grad():
                     self.model.load_state_dict(saved)

@@ -28,17 +28,12 @@ import numpy as np
 import nm_onnx.models  # noqa: F401 - sets HF_HUB_OFFLINE etc. before lm-eval imports `datasets`
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.evaluation.feeds import has_kv_cache, make_feed, present_to_past
 from nm_onnx.evaluation.tokenizer import load_tokenizer
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    lg = np.asarray(logits, dtype=np.float64)
-    mx = lg.max(axis=-1, keepdims=True)
-    return lg - (np.log(np.exp(lg - mx).sum(axis=-1, keepdims=True)) + mx)
+from nm_onnx.progress import progress
+from nm_onnx.scoring import log_softmax
 
 
 @register_model("nm-onnx", "nm_onnx")
@@ -123,7 +118,7 @@ class NmOnnxLM(TemplateLM):
     # ---------------------------------------------------------------- lm-eval API
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         out = []
-        for (pair, ctx, cont) in tqdm(requests, desc="loglikelihood (ORT)", disable=disable_tqdm, leave=False):
+        for (pair, ctx, cont) in progress(requests, "loglikelihood (ORT)", not disable_tqdm):
             res = self._score(list(ctx), list(cont))
             if self.cache_hook is not None:
                 self.cache_hook.add_partial("loglikelihood", pair, res)
@@ -134,7 +129,7 @@ class NmOnnxLM(TemplateLM):
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         out = []
-        for req in tqdm(requests, desc="rolling loglikelihood (ORT)", disable=disable_tqdm, leave=False):
+        for req in progress(requests, "rolling loglikelihood (ORT)", not disable_tqdm):
             (text,) = req.args
             windows = get_rolling_token_windows(
                 self.tok_encode(text), self.prefix_token_id, self.max_length, 1
@@ -147,7 +142,7 @@ class NmOnnxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for req in tqdm(requests, desc="generate (ORT)", disable=disable_tqdm, leave=False):
+        for req in progress(requests, "generate (ORT)", not disable_tqdm):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []

@@ -7,8 +7,9 @@ from nm_onnx.errors import NmOnnxError
 
 def load_tokenizer(source, option: str = "--tokenizer"):
     """A transformers tokenizer from `source` (a directory with tokenizer files, or a hub-style name)."""
-    import nm_onnx.models  # noqa: F401 - sets HF_HUB_OFFLINE before transformers is imported
     from transformers import AutoTokenizer
+
+    import nm_onnx.models  # noqa: F401 - sets HF_HUB_OFFLINE before transformers is imported
 
     try:
         return AutoTokenizer.from_pretrained(str(source))

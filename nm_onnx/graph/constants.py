@@ -1,7 +1,7 @@
 """Weight access for the passes: one weight at a time, straight from (external) data, in one read.
 
 The passes need two constants per site that depend on the weight: the shift bias r = W·1 (column
-sums of B = W^T) and the Amber / Wanda channel factors (`nm_onnx.reference.channel_factors`), and
+sums of B = W^T) and the Amber / Wanda channel factors (`nm_onnx.method.channel_factors`), and
 one fact about it: every value is finite (NMSparseMatMul skips pruned rows of B while the unfused
 NMMask -> MatMul form multiplies them by 0, so an inf or NaN weight would make the two forms differ;
 docs/ops.md). They are computed here weight by weight in ONE chunked pass over the stored bytes (external data is read
@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.method import AMBER_QUANTILES, channel_factors
 
 CHUNK_ELEMENTS = 1 << 18  # elements per chunk of the streaming pass: float64 work set ~2 MiB (cache-sized)
 
@@ -111,8 +112,6 @@ def _fp16_histogram(bits: np.ndarray) -> np.ndarray:
 
 def _amber_mu_sigma_from_counts(counts: np.ndarray) -> tuple[float, float]:
     """Amber's trimmed mean/std of a float16 weight, exactly, from its 65536-bin bit histogram."""
-    from nm_onnx.reference.functional import AMBER_QUANTILES
-
     values = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
     present = (counts > 0) & ~np.isnan(values)
     values, counts = values[present], counts[present]
@@ -199,14 +198,12 @@ def tensor_constants(tensor, transposed: bool, criterion: str | None, need_r: bo
     Always reads the weight once and raises NonFiniteWeight if it holds an inf or NaN.
     Wanda, and Amber on float16 weights, take the one-pass path (Amber's [0.5%, 99.5%] quantiles
     exactly from the float16 bit histogram); Amber on other dtypes calls
-    `nm_onnx.reference.channel_factors` itself (exact quantiles need the whole weight). Both agree
+    `nm_onnx.method.channel_factors` itself (exact quantiles need the whole weight). Both agree
     with the reference to float rounding (tests/test_passes_constants.py).
     """
     fp16 = tensor.dtype.numpy() == np.float16
     factors = None
     if criterion == "amber" and not fp16:
-        from nm_onnx.reference import channel_factors
-
         stored = tensor.numpy()
         try:
             finite = np.isfinite(stored)

@@ -47,7 +47,7 @@ def read_proto(path: str | os.PathLike, check_external: bool = True):
         raise NmOnnxError(f"'{p}' is empty, not an ONNX model")
     try:
         proto = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError, truncated message, wrong file type...
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, truncated message, wrong file type...
         kind = type(e).__name__
         raise NmOnnxError(
             f"'{p}' is not a readable ONNX model ({kind}: {str(e).splitlines()[0] if str(e) else 'parse error'}); "
@@ -89,8 +89,8 @@ def check_external_data(proto, path: Path) -> None:
 
 def load_model(path: str | os.PathLike):
     """onnx_ir.Model from a file or export directory; external data left lazy."""
-    from onnx_ir import serde
     from onnx_ir import external_data as ir_external
+    from onnx_ir import serde
 
     p = model_file(path)
     proto = read_proto(p)

@@ -39,7 +39,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.ops.reference import VAR_EPS
+from nm_onnx.method import VAR_EPS
 from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, OPSET_VERSION, SCHEMAS, TOKEN_SHIFT
 
 MIN_OPSET = 18

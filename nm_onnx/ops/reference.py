@@ -22,6 +22,7 @@ import numpy as np
 from onnx import helper
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.method import VAR_EPS
 from nm_onnx.ops.schemas import (
     CPU,
     DTYPES,
@@ -39,7 +40,6 @@ _text = text  # a string attribute (bytes from onnx) as str
 CRITERIA = SCHEMAS[NM_MASK].attribute("criterion").choices
 SHIFT_MODES = SCHEMAS[TOKEN_SHIFT].attribute("mode").choices
 SHIFTS = SCHEMAS[NM_SPARSE_MATMUL].attribute("shift").choices
-VAR_EPS = 1e-9  # floor of the pruned row's variance in the variance correction
 SUPPORTED_DTYPES = tuple(helper.tensor_dtype_to_np_dtype(t) for t in DTYPES[CPU])
 
 

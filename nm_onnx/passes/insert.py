@@ -17,10 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from nm_onnx.graph.constants import shift_times_weight, site_constants_parallel, weight_constants
+from nm_onnx.method import VAR_EPS
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect, tag
-
-VAR_EPS = 1e-9
 
 
 def _opset(model: ir.Model) -> int:

@@ -12,10 +12,9 @@ import onnx_ir as ir
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.graph.sites import find_linear_sites, module_call
+from nm_onnx.method import constant_shape, needed_constants
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import PassReport, SitePlan
-
-_NEEDED = {"static": ["static_shift"], "learned": ["learned_shift"]}
 
 
 def check_not_transformed(model: ir.Model) -> None:
@@ -26,13 +25,6 @@ def check_not_transformed(model: ir.Model) -> None:
         raise NmOnnxError(
             f"model is already transformed by nm-onnx (it has {what}); transform the dense export instead"
         )
-
-
-def needed_constants(recipe) -> list[str]:
-    names = list(_NEEDED.get(recipe.shift, []))
-    if recipe.scale_shift:
-        names += ["scale_a", "scale_b"]
-    return names
 
 
 class LocatePass(ir.passes.InPlacePass):
@@ -137,11 +129,10 @@ class LocatePass(ir.passes.InPlacePass):
 
     @staticmethod
     def _check_shapes(site, constants) -> None:
-        expect = {"static_shift": (1,), "channel_scale": (site.k,), "learned_shift": (site.k,),
-                  "scale_a": (site.o,), "scale_b": (site.o,)}
         for name, value in constants.items():
-            if name in expect and tuple(value.reshape(-1).shape) != expect[name]:
+            expect = constant_shape(name, site.k, site.o)
+            if tuple(value.reshape(-1).shape) != expect:
                 raise NmOnnxError(
                     f"calibration constant '{site.module}.{name}' has shape {list(value.shape)}, expected "
-                    f"{list(expect[name])}; the artifact was calibrated on another model"
+                    f"{list(expect)}; the artifact was calibrated on another model"
                 )

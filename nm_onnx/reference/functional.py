@@ -15,15 +15,20 @@ ops are checked against. Contract details fixed here (and by METHOD.md):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from nm_onnx.errors import NmOnnxError
 
-CHANNEL_FACTOR_CRITERIA = ("amber", "wanda")
-VAR_EPS = 1e-9
-CLACT_EPS = 1e-8
-AMBER_QUANTILES = (0.005, 0.995)
+# The method's constants and the numpy channel factors are defined once, torch-free, in nm_onnx.method.
+from nm_onnx.method import (  # noqa: F401 - re-exported: the reference's public API
+    AMBER_QUANTILES,
+    CHANNEL_FACTOR_CRITERIA,
+    CLACT_EPS,
+    VAR_EPS,
+    amber_factors,
+    channel_factors,
+    wanda_factors,
+)
 
 
 # ----- ranking and masks ---------------------------------------------------------------------------
@@ -54,45 +59,6 @@ def nm_prune(x: torch.Tensor, n: int, m: int, score: torch.Tensor | None = None)
 
 
 # ----- criteria ------------------------------------------------------------------------------------
-def amber_factors(weight) -> np.ndarray:
-    """Amber Pruner robust-norm channel factors f[K] of a weight W[O, K], exact and deterministic.
-
-    W is trimmed to its [0.5%, 99.5%] quantiles (exact, linear interpolation, over all weights),
-    mu/sigma = mean/std (ddof=1) of the weights inside that closed range, W_hat = (W - mu) / sigma,
-    c_j = ||W_hat[:, j]||_2, f_j = c_j / min_k c_k. Computed in float64 with numpy, returned as
-    float32. (sigma cancels in f; mu does not.)
-    """
-    w = _as_f64(weight)
-    flat = w.ravel()
-    lo, hi = np.quantile(flat, AMBER_QUANTILES)
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    mu = inside.mean()
-    sigma = inside.std(ddof=1) if inside.size > 1 else 1.0
-    if not np.isfinite(sigma) or sigma == 0:
-        sigma = 1.0
-    w_hat = (w - mu) / sigma
-    c = np.sqrt(np.sum(w_hat * w_hat, axis=0))
-    cmin = c.min()
-    if not cmin > 0:
-        cmin = np.finfo(np.float64).tiny
-    return (c / cmin).astype(np.float32)
-
-
-def wanda_factors(weight) -> np.ndarray:
-    """Wanda-like channel factors ||W[:, j]||_2 of W[O, K] (float64 math, float32 result)."""
-    w = _as_f64(weight)
-    return np.sqrt(np.sum(w * w, axis=0)).astype(np.float32)
-
-
-def channel_factors(weight, criterion: str) -> np.ndarray:
-    """Per-input-channel factor f[K] of a channel-factor criterion (amber | wanda), from W[O, K]."""
-    if criterion == "amber":
-        return amber_factors(weight)
-    if criterion == "wanda":
-        return wanda_factors(weight)
-    raise NmOnnxError(f"criterion '{criterion}' has no channel factors (only {CHANNEL_FACTOR_CRITERIA})")
-
-
 def clact_column_norms(x: torch.Tensor) -> torch.Tensor:
     """||X[:, j]||_2 over every token of the call (all leading axes flattened), float32 sums."""
     flat = x.reshape(-1, x.shape[-1])
@@ -211,12 +177,3 @@ def sparse_linear(
     if bias is not None:
         z = z + bias
     return z
-
-
-def _as_f64(weight) -> np.ndarray:
-    if isinstance(weight, torch.Tensor):
-        weight = weight.detach().to("cpu", torch.float64).numpy()
-    w = np.asarray(weight, dtype=np.float64)
-    if w.ndim != 2:
-        raise NmOnnxError(f"expected a weight matrix [O, K], got shape {w.shape}")
-    return w

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from nm_onnx.errors import NmOnnxError
+from nm_onnx.method import CONSTANT_NAMES, constant_shape
 from nm_onnx.recipe import SparsityRecipe
 from nm_onnx.reference import functional as F
 
-CONSTANT_NAMES = ("static_shift", "channel_scale", "learned_shift", "scale_a", "scale_b")
+__all__ = ["CONSTANT_NAMES", "SparseLinear", "decoder_layers", "linear_paths", "sparse_modules",
+           "sparsify_model", "unsparsify_model"]
 
 
 class SparseLinear(nn.Module):
@@ -37,9 +39,8 @@ class SparseLinear(nn.Module):
                 f"pattern {recipe.pattern} does not fit {path}: its input size K={k} is not a multiple "
                 f"of M={self.m}; exclude this module from the recipe's targets"
             )
-        self.enabled = True  # False: behave as the dense linear (used by calibration)
+        self.enabled = True  # False: behave as the dense linear
         self.forced_masks: list[torch.Tensor] = []  # masks to replay, one per call in order (validate)
-        self.stats = None  # dict: when set, dense forwards accumulate median statistics
         dev = self.weight.device
         self.channel_scale = None
         self.static_shift = None
@@ -61,17 +62,11 @@ class SparseLinear(nn.Module):
             if name not in CONSTANT_NAMES:
                 raise NmOnnxError(f"{self.path}: unknown calibration constant '{name}'")
             t = torch.as_tensor(value, dtype=torch.float32, device=self.weight.device)
-            want = {
-                "static_shift": None,
-                "channel_scale": (self.in_features,),
-                "learned_shift": (self.in_features,),
-                "scale_a": (self.out_features,),
-                "scale_b": (self.out_features,),
-            }[name]
-            if want is None and t.numel() != 1 or want is not None and tuple(t.shape) != want:
+            want = constant_shape(name, self.in_features, self.out_features)
+            if (t.numel() != 1) if name == "static_shift" else tuple(t.shape) != want:
                 raise NmOnnxError(
                     f"{self.path}: calibration constant '{name}' has shape {tuple(t.shape)}, "
-                    f"expected {want or '[] or [1]'}; the artifact does not belong to this model"
+                    f"expected {list(want)}; the artifact does not belong to this model"
                 )
             current = getattr(self, name)
             if isinstance(current, nn.Parameter):
@@ -92,13 +87,6 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            if self.stats is not None:
-                with torch.no_grad():
-                    med = F.token_median(x.detach().float())
-                    self.stats["median_sum"] = self.stats.get("median_sum", 0.0) + float(
-                        med.double().sum()
-                    )
-                    self.stats["tokens"] = self.stats.get("tokens", 0) + med.numel()
             return nn.functional.linear(x, self.weight, self.bias)
         r = self.recipe
         if r.criterion in F.CHANNEL_FACTOR_CRITERIA and self.channel_scale is None:
