@@ -62,8 +62,15 @@ def _fresh(code: str) -> dict:
 
 def test_import_of_transform_and_runtime_loads_no_torch():
     got = _fresh("import json, sys, nm_onnx.transform, nm_onnx.runtime, nm_onnx.calibration, nm_onnx.evaluate\n"
-                 "print(json.dumps({m: m in sys.modules for m in ('torch', 'lm_eval', 'onnxscript')}))")
-    assert got == {"torch": False, "lm_eval": False, "onnxscript": False}
+                 "print(json.dumps({m: m in sys.modules for m in ('torch', 'transformers', 'lm_eval')}))")
+    assert got == {"torch": False, "transformers": False, "lm_eval": False}
+
+
+def test_running_a_model_loads_no_graph_rewriter():
+    """Sessions and evaluation need neither onnxscript (fuse's rewriter, --portable bodies) nor torch."""
+    got = _fresh("import json, sys, nm_onnx.runtime, nm_onnx.evaluate\n"
+                 "print(json.dumps({m: m in sys.modules for m in ('torch', 'onnxscript')}))")
+    assert got == {"torch": False, "onnxscript": False}
 
 
 @pytest.mark.skipif(not ops.library_available(), reason="op library not built (make ops)")

@@ -251,7 +251,8 @@ def test_fuse_explains_extra_consumer():
 def _unfused(**kw):
     model, *_ = linear_model()
     m = ir.serde.deserialize_model(model)
-    run_pipeline(m, recipe(**kw), fuse=False, check=False)
+    r = recipe(**kw)
+    run_pipeline(m, r, artifact(r) if r.shift in ("static", "learned") else None, fuse=False, check=False)
     return m, {n.op_type: n for n in m.graph}
 
 
@@ -262,36 +263,61 @@ def _extra_reader(m, value):
     m.graph.outputs.append(extra.outputs[0])
 
 
+def _non_constant(m, node, index):
+    ident = ir.node("Identity", [node.inputs[index]], name="copy")
+    m.graph.insert_before(node, ident)
+    node.replace_input_with(index, ident.outputs[0])
+
+
 def _non_constant_scale(m, nodes):
-    mask = nodes["NMMask"]
-    ident = ir.node("Identity", [mask.inputs[1]], name="scale_copy")
-    m.graph.insert_before(mask, ident)
-    mask.replace_input_with(1, ident.outputs[0])
+    _non_constant(m, nodes["NMMask"], 1)
 
 
-TAMPER = {
-    "channel_scale is not a constant": ({"criterion": "amber"}, _non_constant_scale),
-    "the TokenShift output is read by more than the mask":
-        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["TokenShift"].outputs[0])),
-    "the TokenShift eta is not used only as Mul(eta, r)":
-        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["TokenShift"].outputs[1])),
-    "Mul(eta, r) is not added to the MatMul output":
-        ({"shift": "median"}, lambda m, n: _extra_reader(m, n["MatMul"].outputs[0])),
-    "the NMMask output is a graph output": ({}, lambda m, n: m.graph.outputs.append(n["NMMask"].outputs[0])),
-}
+def _role(m, role):
+    """The output of the node insert tagged with `role` (the test knows insert's chain; fuse does not)."""
+    return next(n for n in m.graph if n.metadata_props.get("nm_onnx.role") == role).outputs[0]
 
 
-@pytest.mark.parametrize("reason", list(TAMPER))
-def test_fuse_explains_each_failed_check(reason):
+def _vc_reads_shifted_x(m, nodes):
+    cast = next(n for n in m.graph if n.metadata_props.get("nm_onnx.role") == "vc_x_cast")
+    cast.replace_input_with(0, nodes["NMMask"].inputs[0])
+
+
+MEDIAN, MEDIAN_VC, STATIC = {"shift": "median"}, {"shift": "median", "variance_correction": True}, {"shift": "static"}
+TAMPER = [  # (reason the report starts with, recipe, how the unfused chain is broken)
+    ("channel_scale is not a constant", {"criterion": "amber"}, _non_constant_scale),
+    ("the TokenShift output is read by more than the mask", MEDIAN,
+     lambda m, n: _extra_reader(m, n["TokenShift"].outputs[0])),
+    ("the TokenShift eta is not used only as Mul(eta, r)", MEDIAN,
+     lambda m, n: _extra_reader(m, n["TokenShift"].outputs[1])),
+    ("the TokenShift eta is not used only as Mul(eta, r) with a constant r", MEDIAN,
+     lambda m, n: _non_constant(m, n["Mul"], 1)),
+    ("Mul(eta, r) is read by more than the shift-bias Add", MEDIAN, lambda m, n: _extra_reader(m, n["Mul"].outputs[0])),
+    ("the MatMul output is read by more than the shift-bias Add", MEDIAN,
+     lambda m, n: _extra_reader(m, n["MatMul"].outputs[0])),
+    ("the MatMul output is read by more than the shift-bias Add", STATIC,
+     lambda m, n: _extra_reader(m, n["MatMul"].outputs[0])),
+    ("the sparse product is read by more than the variance correction", MEDIAN_VC,
+     lambda m, n: _extra_reader(m, _role(m, "shift_bias_add"))),
+    ("variance correction would scale the baked static-shift bias", {**STATIC, "variance_correction": True},
+     _vc_reads_shifted_x),
+    (f"'{PREFIX}/vc_sqrt_output_0' of the chain is read outside it",
+     {"variance_correction": True}, lambda m, n: _extra_reader(m, _role(m, "vc_sqrt"))),
+    ("the NMMask output is a graph output", {}, lambda m, n: m.graph.outputs.append(n["NMMask"].outputs[0])),
+]
+
+
+@pytest.mark.parametrize(("reason", "kw", "tamper"), TAMPER, ids=[f"{i}-{t[0][:30]}" for i, t in enumerate(TAMPER)])
+def test_fuse_explains_each_failed_check(reason, kw, tamper):
     """Every check of the fuse rule that can fail says why; the chain is then left unfused and intact."""
-    kw, tamper = TAMPER[reason]
     m, nodes = _unfused(**kw)
     tamper(m, nodes)
+    before = [n.op_type for n in m.graph]
     fp = FusePass()
     result = fp(m)
     assert fp.report.fused[MODULE].startswith(reason), fp.report.fused
     assert not result.modified
-    assert [n.op_type for n in m.graph].count("NMMask") == 1
+    assert [n.op_type for n in m.graph] == before
 
 
 def test_locate_refuses_a_recipe_that_selects_no_site():

@@ -159,8 +159,9 @@ def _start_transform(src, out):
 
 
 def _wait_for_partial(parent: Path, proc, timeout=120) -> None:
+    """Until the staging directory exists (not the short-lived probe file of the writability check)."""
     t0 = time.time()
-    while not partials(parent):
+    while not [p for p in partials(parent) if p.is_dir()]:
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t0 < timeout, "no staging directory appeared"
         time.sleep(0.01)

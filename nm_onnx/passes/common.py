@@ -9,7 +9,6 @@ import numpy as np
 import onnx_ir as ir
 
 from nm_onnx.graph.naming import site_name
-from nm_onnx.ops.schemas import DOMAIN
 
 SITE_KEY = "nm_onnx.site"  # node metadata: module path of the site a node belongs to
 ROLE_KEY = "nm_onnx.role"  # node metadata: the node's role in the site's chain
@@ -73,10 +72,6 @@ def tag(node: ir.Node, site, role: str) -> ir.Node:
     return node
 
 
-def role(node: ir.Node | None) -> str | None:
-    return None if node is None else node.metadata_props.get(ROLE_KEY)
-
-
 def constant(graph: ir.Graph, site, what: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
     """Register an initializer `<site prefix>/<what>` holding `array` in the activation dtype."""
     name = site_name(site, what)
@@ -94,10 +89,6 @@ def make(op: str, inputs, site, what: str, attrs=None, domain: str = "", outputs
     outs = [ir.Value(name=f"{name}_output_{i}") for i in range(outputs)]
     node = ir.node(op, inputs, attributes=attrs or {}, domain=domain, outputs=outs, name=name)
     return tag(node, site, what)
-
-
-def is_nm_node(node: ir.Node) -> bool:
-    return node.domain == DOMAIN
 
 
 def activation_dtype(matmul: ir.Node) -> ir.DataType:
@@ -118,16 +109,15 @@ def activation_dtype(matmul: ir.Node) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    return [(u.node, u.idx) if hasattr(u, "node") else (u[0], u[1]) for u in value.uses()]
-
-
 def redirect(graph: ir.Graph, old: ir.Value, new: ir.Value, skip: set | None = None) -> None:
-    """Make every consumer of `old` (except nodes in `skip`) read `new`; graph outputs keep their name."""
+    """Make every consumer of `old` (except nodes in `skip`) read `new`; graph outputs keep their name.
+
+    (onnx_ir's `replace_all_uses_with` has no `skip`: insert's chain itself reads `old`.)
+    """
     skip = skip or set()
-    for node, idx in uses(old):
-        if node not in skip:
-            node.replace_input_with(idx, new)
+    for use in list(old.uses()):
+        if use.node not in skip:
+            use.node.replace_input_with(use.idx, new)
     for i, out in enumerate(graph.outputs):
         if out is old:
             name = old.name

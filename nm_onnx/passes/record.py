@@ -55,7 +55,7 @@ def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
         for v in n.outputs:
             if v is None:
                 continue
-            users = [u.node if hasattr(u, "node") else u[0] for u in v.uses()]
+            users = [u.node for u in v.uses()]
             if v in graph_outputs or any(id(u) not in inside for u in users):
                 leaving.append(v.name)
     if len(leaving) != 1:
