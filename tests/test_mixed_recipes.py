@@ -199,7 +199,8 @@ def test_transform_gives_each_site_its_pattern(mixed_sparse, capsys):
 
 @needs_library
 def test_validate_layerwise_is_exact_on_a_mixed_recipe(mixed_sparse, capsys):
-    from nm_onnx.validate import check_kernels, main as validate_main
+    from nm_onnx.validate import check_kernels
+    from nm_onnx.validate import main as validate_main
 
     d, _ = mixed_sparse
     capsys.readouterr()
@@ -299,3 +300,13 @@ def test_calibrate_transform_validate_a_mixed_recipe(tmp_path, capsys):
     other = SparsityRecipe.from_dict({**CALIBRATED, "overrides": CALIBRATED["overrides"][:-1]})
     with pytest.raises(NmOnnxError, match="differs from 'mixed-calibrated' in overrides"):
         transform(tiny_export("llama"), tmp_path / "other", other, calibration=tmp_path / "cal")
+
+
+@needs_library
+def test_cli_override_error_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({**MIXED, "overrides": [{"modules": ["*.dwn_proj"], "pattern": "2:4"}]}))
+    capsys.readouterr()
+    assert main(["transform", str(tiny_export("llama")), str(tmp_path / "out"), "--recipe", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "overrides[0] module '*.dwn_proj' matches no selected module" in err
+    assert not (tmp_path / "out").exists()
