@@ -29,10 +29,15 @@ def constant_shape(name: str, k: int, o: int) -> tuple[int, ...]:
     return shapes[name]
 
 
-def needed_constants(recipe) -> list[str]:
-    """The calibration constants a recipe cannot run without (static / learned shifts, scale_shift)."""
-    names = {"static": ["static_shift"], "learned": ["learned_shift"]}.get(recipe.shift, [])
-    return names + (["scale_a", "scale_b"] if recipe.scale_shift else [])
+def needed_constants(setting) -> list[str]:
+    """The calibration constants a site cannot run without (static / learned shifts, scale_shift).
+
+    `setting`: a site's `nm_onnx.recipe.SiteSetting` (or anything with shift, scale_shift, dense).
+    """
+    if getattr(setting, "dense", False):
+        return []
+    names = {"static": ["static_shift"], "learned": ["learned_shift"]}.get(setting.shift, [])
+    return names + (["scale_a", "scale_b"] if setting.scale_shift else [])
 
 
 def _as_f64(weight) -> np.ndarray:

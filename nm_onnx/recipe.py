@@ -6,6 +6,12 @@ ONNX. It round-trips through JSON (unknown keys are an error, so a typo never si
 a default) and has a stable `digest()` so artifacts and models can say which recipe made them.
 Named presets cover the paper's configurations (`nm-onnx recipes` lists them).
 
+A recipe may give sites different settings with ordered `overrides` (module globs plus any of
+pattern, criterion, shift, scale_shift, variance_correction; pattern may be `dense`). `resolve` turns a
+recipe and a model's module paths into one `SiteSetting` per selected site: it is the only place
+where targets, excludes and overrides meet, and every stage (reference, calibration, passes,
+validate) asks it.
+
 Semantics of every field: ../shared/METHOD.md and docs/method.md.
 """
 
@@ -27,6 +33,8 @@ from nm_onnx.errors import NmOnnxError
 CRITERIA = ("magnitude", "amber", "wanda", "clact")
 SHIFTS = ("none", "median", "mean", "static", "learned")
 MAX_M = 64
+DENSE = "dense"  # an override pattern: the site stays dense
+METHOD_FIELDS = ("pattern", "criterion", "shift", "scale_shift", "variance_correction")  # what an override may set
 
 DEFAULT_TARGETS = ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"]
 
@@ -88,8 +96,114 @@ def parse_pattern(pattern: str) -> tuple[int | None, int | None, float]:
     return n, m, 1.0 - n / m
 
 
+def _is_dense(pattern) -> bool:
+    return isinstance(pattern, str) and pattern.strip().lower() == DENSE
+
+
+def _check_method(values: dict, where: str, allow_dense: bool = False) -> None:
+    """The method fields present in `values` (a recipe's or an override's) are valid; NmOnnxError if not."""
+    if "pattern" in values and not (allow_dense and _is_dense(values["pattern"])):
+        try:
+            parse_pattern(values["pattern"])
+        except NmOnnxError as e:
+            raise NmOnnxError(f"{where}: {e}" + ("; or 'dense'" if allow_dense else "")) from None
+    if "criterion" in values and values["criterion"] not in CRITERIA:
+        raise NmOnnxError(f"{where}: unknown criterion '{values['criterion']}'; choose one of {', '.join(CRITERIA)}")
+    if "shift" in values and values["shift"] not in SHIFTS:
+        raise NmOnnxError(f"{where}: unknown shift '{values['shift']}'; choose one of {', '.join(SHIFTS)}")
+    for key in ("scale_shift", "variance_correction"):
+        if key in values and not isinstance(values[key], bool):
+            raise NmOnnxError(f"{where}: '{key}' must be true or false")
+
+
+class _Method:
+    """Derived facts of one method setting (pattern, criterion, shift, scale_shift, variance_correction)."""
+
+    pattern: str
+    criterion: str
+    shift: str
+    scale_shift: bool
+    variance_correction: bool
+
+    @property
+    def dense(self) -> bool:
+        """The pattern is 'dense' (only an override can say so): the site is left as it is."""
+        return _is_dense(self.pattern)
+
+    def _parsed(self) -> tuple[int | None, int | None, float]:
+        return (None, None, 0.0) if self.dense else parse_pattern(self.pattern)
+
+    @property
+    def n(self) -> int | None:
+        return self._parsed()[0]
+
+    @property
+    def m(self) -> int | None:
+        return self._parsed()[1]
+
+    @property
+    def sparsity(self) -> float:
+        return self._parsed()[2]
+
+    @property
+    def is_unstructured(self) -> bool:
+        return not self.dense and self._parsed()[0] is None
+
+    @property
+    def needs_fitting(self) -> bool:
+        """Learnable parameters fitted layer by layer (METHOD items 3 and 4)."""
+        return not self.dense and (self.shift == "learned" or self.scale_shift)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when this needs a calibration artifact (constants computed by `calibrate`)."""
+        return not self.dense and (
+            self.shift in ("static", "learned") or self.scale_shift or self.criterion in ("amber", "wanda"))
+
+    def keep_count(self, k: int) -> int:
+        """Entries kept per token row of length k: N per group of M, or k - round(S*k) unstructured."""
+        n, m, s = self._parsed()
+        if n is None:
+            return k - round(s * k)
+        return (k // m) * n
+
+    def group(self, k: int) -> tuple[int, int]:
+        """(n, m) of the selection groups for a row of length k (unstructured: one group of k)."""
+        n, m, _ = self._parsed()
+        if n is None:
+            return self.keep_count(k), k
+        return n, m
+
+    def describe_method(self) -> str:
+        if self.dense:
+            return DENSE
+        parts = [self.pattern, f"criterion={self.criterion}"]
+        if self.shift != "none":
+            parts.append(f"shift={self.shift}")
+        if self.scale_shift:
+            parts.append("scale_shift")
+        if self.variance_correction:
+            parts.append("variance_correction")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SiteSetting(_Method):
+    """What one selected site gets: the recipe's method fields after its overrides (`resolve`)."""
+
+    module: str
+    pattern: str
+    criterion: str
+    shift: str
+    scale_shift: bool
+    variance_correction: bool
+
+    def describe(self) -> str:
+        return self.describe_method()
+
+
 @dataclass
-class SparsityRecipe:
+class SparsityRecipe(_Method):
     name: str = "custom"
     pattern: str = "8:16"
     criterion: str = "magnitude"
@@ -98,6 +212,7 @@ class SparsityRecipe:
     variance_correction: bool = False
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     exclude: list[str] = field(default_factory=list)
+    overrides: list[dict] = field(default_factory=list)  # [{"modules": [globs], <method field>: value, ...}]
     calibration: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_CALIBRATION))
 
     def __post_init__(self):
@@ -107,69 +222,35 @@ class SparsityRecipe:
             merged.update(self.calibration)
             self.calibration = merged
 
-    # ----- derived properties -------------------------------------------------------------------
-    @property
-    def n(self) -> int | None:
-        return parse_pattern(self.pattern)[0]
-
-    @property
-    def m(self) -> int | None:
-        return parse_pattern(self.pattern)[1]
-
-    @property
-    def sparsity(self) -> float:
-        return parse_pattern(self.pattern)[2]
-
-    @property
-    def is_unstructured(self) -> bool:
-        return parse_pattern(self.pattern)[0] is None
+    # ----- derived properties (the base setting; `resolve` gives each site's) ------------------------
+    def _values(self, key: str) -> list:
+        """Every value `key` takes in the recipe: the base one, then the overrides' (in order)."""
+        return [getattr(self, key)] + [o[key] for o in self.overrides if isinstance(o, dict) and key in o]
 
     @property
     def needs_fitting(self) -> bool:
-        """Learnable parameters fitted layer by layer (METHOD items 3 and 4)."""
-        return self.shift == "learned" or self.scale_shift
+        """Some site may have learnable parameters (base or an override; per site: `resolve`)."""
+        return "learned" in self._values("shift") or any(self._values("scale_shift"))
 
     @property
     def needs_calibration(self) -> bool:
-        """True when the recipe needs a calibration artifact (constants computed by `calibrate`)."""
-        return self.shift in ("static", "learned") or self.scale_shift or self.criterion in ("amber", "wanda")
-
-    def keep_count(self, k: int) -> int:
-        """Entries kept per token row of length k: N per group of M, or k - round(S*k) unstructured."""
-        n, m, s = parse_pattern(self.pattern)
-        if n is None:
-            return k - round(s * k)
-        return (k // m) * n
-
-    def group(self, k: int) -> tuple[int, int]:
-        """(n, m) of the selection groups for a row of length k (unstructured: one group of k)."""
-        n, m, _ = parse_pattern(self.pattern)
-        if n is None:
-            return self.keep_count(k), k
-        return n, m
+        """Some site may need a calibration artifact (base or an override; per site: `resolve`)."""
+        return (self.needs_fitting or "static" in self._values("shift")
+                or any(c in ("amber", "wanda") for c in self._values("criterion")))
 
     # ----- validation ---------------------------------------------------------------------------
     def validate(self) -> SparsityRecipe:
         if not isinstance(self.name, str) or not self.name:
             raise NmOnnxError("recipe 'name' must be a non-empty string")
-        parse_pattern(self.pattern)
-        if self.criterion not in CRITERIA:
-            raise NmOnnxError(
-                f"recipe '{self.name}': unknown criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}"
-            )
-        if self.shift not in SHIFTS:
-            raise NmOnnxError(
-                f"recipe '{self.name}': unknown shift '{self.shift}'; choose one of {', '.join(SHIFTS)}"
-            )
-        for key in ("scale_shift", "variance_correction"):
-            if not isinstance(getattr(self, key), bool):
-                raise NmOnnxError(f"recipe '{self.name}': '{key}' must be true or false")
+        parse_pattern(self.pattern)  # the base pattern is never 'dense' (a dense model needs no recipe)
+        _check_method({f: getattr(self, f) for f in METHOD_FIELDS[1:]}, f"recipe '{self.name}'")
         for key in ("targets", "exclude"):
             v = getattr(self, key)
             if not isinstance(v, list) or not all(isinstance(g, str) and g for g in v):
                 raise NmOnnxError(f"recipe '{self.name}': '{key}' must be a list of non-empty glob strings")
         if not self.targets:
             raise NmOnnxError(f"recipe '{self.name}': 'targets' is empty; give at least one module glob")
+        self._validate_overrides()
         if not isinstance(self.calibration, dict):
             raise NmOnnxError(f"recipe '{self.name}': 'calibration' must be an object")
         unknown = sorted(set(self.calibration) - set(DEFAULT_CALIBRATION))
@@ -196,6 +277,24 @@ class SparsityRecipe:
         if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
             raise NmOnnxError(f"recipe '{self.name}': calibration 'betas' must be two numbers in [0, 1)")
         return self
+
+    def _validate_overrides(self) -> None:
+        if not isinstance(self.overrides, list):
+            raise NmOnnxError(f"recipe '{self.name}': 'overrides' must be a list of objects")
+        known = ("modules", *METHOD_FIELDS)
+        for i, o in enumerate(self.overrides):
+            where = f"recipe '{self.name}': overrides[{i}]"
+            if not isinstance(o, dict):
+                raise NmOnnxError(f"{where} must be an object like {{\"modules\": [\"*.down_proj\"], \"pattern\": \"12:16\"}}")
+            unknown = sorted(set(o) - set(known))
+            if unknown:
+                raise NmOnnxError(f"{where}: unknown key(s) {unknown}; known: {', '.join(known)}")
+            mods = o.get("modules")
+            if not isinstance(mods, list) or not mods or not all(isinstance(g, str) and g for g in mods):
+                raise NmOnnxError(f"{where}: 'modules' must be a non-empty list of module globs")
+            if not any(f in o for f in METHOD_FIELDS):
+                raise NmOnnxError(f"{where} sets nothing; give at least one of {', '.join(METHOD_FIELDS)}")
+            _check_method(o, where, allow_dense=True)
 
     # ----- targets ------------------------------------------------------------------------------
     def match(self, module_paths) -> list[str]:
@@ -224,11 +323,53 @@ class SparsityRecipe:
             )
         return chosen
 
+    def resolve(self, module_paths, k: dict[str, int] | None = None) -> dict[str, SiteSetting]:
+        """{module path: SiteSetting} of every selected module (`match`), in the given order.
+
+        The one resolution of a recipe: each site starts from the recipe's own method fields, then
+        every override whose `modules` globs match it sets its fields, in order (later ones win per
+        field). Sites whose pattern becomes 'dense' are included (`setting.dense`): callers leave them
+        dense. Errors (one line): an override glob that matches no selected module; with `k`
+        ({module path: K}) a pattern whose M does not divide K at a site; every site dense.
+        """
+        chosen = self.match(module_paths)
+        sample = ", ".join(chosen[:8]) + (", ..." if len(chosen) > 8 else "")
+        for i, o in enumerate(self.overrides):
+            for glob in o["modules"]:
+                if not any(fnmatch.fnmatchcase(p, glob) for p in chosen):
+                    raise NmOnnxError(
+                        f"recipe '{self.name}': overrides[{i}] module '{glob}' matches no selected module "
+                        f"(targets minus exclude); selected: {sample}"
+                    )
+        base = {f: getattr(self, f) for f in METHOD_FIELDS}
+        out: dict[str, SiteSetting] = {}
+        for path in chosen:
+            values = dict(base)
+            for o in self.overrides:
+                if any(fnmatch.fnmatchcase(path, g) for g in o["modules"]):
+                    values.update({f: o[f] for f in METHOD_FIELDS if f in o})
+            s = SiteSetting(module=path, **values)
+            size = None if k is None else k.get(path)
+            if size is not None and s.m is not None and size % s.m != 0:
+                raise NmOnnxError(
+                    f"recipe '{self.name}': pattern {s.pattern} does not divide K={size} at site '{path}' "
+                    f"(K % {s.m} != 0); choose another pattern or exclude this module"
+                )
+            out[path] = s
+        if all(s.dense for s in out.values()):
+            raise NmOnnxError(
+                f"recipe '{self.name}': the overrides make every selected module dense, so nothing would be "
+                "sparsified; give some site a pattern"
+            )
+        return out
+
     # ----- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["calibration"] = dict(d["calibration"])
         d["calibration"]["betas"] = list(d["calibration"]["betas"])
+        if not d["overrides"]:  # a recipe without overrides keeps the JSON and digest it always had
+            del d["overrides"]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -299,13 +440,12 @@ class SparsityRecipe:
         )
 
     def describe(self) -> str:
-        parts = [self.pattern, f"criterion={self.criterion}"]
-        if self.shift != "none":
-            parts.append(f"shift={self.shift}")
-        if self.scale_shift:
-            parts.append("scale_shift")
-        if self.variance_correction:
-            parts.append("variance_correction")
+        """One line: the base setting, then each override as `globs -> fields`."""
+        parts = [self.describe_method()]
+        for o in self.overrides:
+            fields = [f"{f}={o[f]}" if not isinstance(o[f], bool) else (f if o[f] else f"no {f}")
+                      for f in METHOD_FIELDS if f in o]
+            parts.append(f"[{','.join(o['modules'])} -> {' '.join(fields)}]")
         return " ".join(parts)
 
 

@@ -14,7 +14,7 @@
     compared like (a). With (b) (every mask is exactly the reference's function of its input) this
     proves the deployed model computes the reference up to float rounding, with no statistics.
 (d) every op kernel of the library vs its numpy reference on random inputs (masks bit for bit,
-    arithmetic to float tolerance).
+    arithmetic to float tolerance), at 2:4, 8:16, 16:32 and every N:M the sparse model's sites use.
 (e) ORT vs PyTorch perplexity, a report with the paired per-window standard error: a masked model
     is chaotic (1e-6 input noise flips masks and moves a window's perplexity by a few %), so the
     verdict is PASS when the difference plus 2 s.e. is within 1%, FAIL when the difference minus 2
@@ -235,7 +235,7 @@ def torch_site_reference(module, x):
 
     from nm_onnx.reference import functional as F
 
-    r = module.recipe
+    r = module.setting  # the site's own pattern and mitigations (a mixed recipe's overrides applied)
     with torch.no_grad():
         y = module(x)
         if r.shift == "median":
@@ -462,7 +462,8 @@ def check_perplexity(sparse_path, model, windows: np.ndarray) -> CheckResult:
 
 
 # ------------------------------------------------------------------------------------------ (d)
-def check_kernels(seed: int = 0) -> CheckResult:
+def check_kernels(seed: int = 0, patterns=()) -> CheckResult:
+    """(d) on 2:4, 8:16, 16:32 plus the (n, m) `patterns` a sparse model uses (its site records)."""
     from nm_onnx import ops
     from nm_onnx.ops import reference as ref
     from nm_onnx.ops.graphs import op_model
@@ -471,6 +472,9 @@ def check_kernels(seed: int = 0) -> CheckResult:
     ops.library_path()  # clear error when the library is missing
     rng = np.random.default_rng(seed)
     cases, failures, worst = 0, [], 0.0
+    extra = [tuple(p) for p in patterns]
+    mask_patterns = list(dict.fromkeys([(2, 4), (8, 16), (16, 32), *extra]))
+    matmul_patterns = list(dict.fromkeys([(2, 4), (8, 16), *extra]))
 
     def run(model, feeds, outs):
         return _ort(model).run(outs, feeds)
@@ -483,22 +487,24 @@ def check_kernels(seed: int = 0) -> CheckResult:
             cases += 1
             if not (_same_bits(eta, reta) and _close(xc, rxc)):
                 failures.append(f"TokenShift mode={mode} on {kind} inputs")
-        for n, m in ((2, 4), (8, 16), (16, 32)):
+        for n, m in mask_patterns:
+            xk = x if 64 % m == 0 else random_values(rng, (3, 5, 2 * m), kind)
             for crit in ("magnitude", "clact"):
                 for with_cs in (False, True):
-                    cs = rng.random(64).astype(np.float32) + 0.5 if with_cs else None
+                    cs = rng.random(xk.shape[-1]).astype(np.float32) + 0.5 if with_cs else None
                     names = ["X", "channel_scale"] if with_cs else ["X"]
-                    feeds = {"X": x, **({"channel_scale": cs} if with_cs else {})}
+                    feeds = {"X": xk, **({"channel_scale": cs} if with_cs else {})}
                     y = run(op_model("NMMask", names, ["Y"], n=n, m=m, criterion=crit), feeds, ["Y"])[0]
                     cases += 1
-                    if not _same_bits(y, ref.nm_mask(x, n, m, crit, cs)):
+                    if not _same_bits(y, ref.nm_mask(xk, n, m, crit, cs)):
                         failures.append(f"NMMask {n}:{m} {crit} cs={with_cs} on {kind} inputs")
     for shift in ("none", "median", "mean"):
         for vc in (0, 1):
-            for n, m in ((2, 4), (8, 16)):
-                x = random_values(rng, (2, 7, 64), "normal")
-                b = random_values(rng, (64, 24), "normal")
-                cs = rng.random(64).astype(np.float32) + 0.5
+            for n, m in matmul_patterns:
+                k = 64 if 64 % m == 0 else 2 * m
+                x = random_values(rng, (2, 7, k), "normal")
+                b = random_values(rng, (k, 24), "normal")
+                cs = rng.random(k).astype(np.float32) + 0.5
                 sb = b.sum(0).astype(np.float32)
                 bias = random_values(rng, (24,), "normal")
                 names = ["X", "B", "channel_scale", "shift_bias", "bias"]
@@ -568,8 +574,17 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
         raise NmOnnxError(f"--checks takes letters from '{''.join(CHECKS)}', got {checks!r}")
     if "a" in checks:  # fail before loading torch or running anything
         read_proto(dense)
+    records = []
     if set(checks) & {"b", "c", "e"}:
-        sparse_records(read_proto(sparse), model_file(sparse))
+        records = sparse_records(read_proto(sparse), model_file(sparse))
+    elif "d" in checks:  # (d) alone needs no sparse model; it adds the patterns of one that is there
+        from nm_onnx.passes.record import site_records
+
+        try:
+            records = site_records(read_proto(sparse, check_external=False))
+        except NmOnnxError:
+            records = []
+    patterns = sorted({(r["n"], r["m"]) for r in records if r.get("n") and r.get("m")})
     rec = SparsityRecipe.load(recipe)
     artifact = None
     if calibration:
@@ -585,7 +600,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
     first = None
     if "d" in checks:
         _log("(d) op kernels vs numpy reference")
-        results.append(check_kernels())
+        results.append(check_kernels(patterns=patterns))
     text = load_eval_text(data)
     if set(checks) & {"a", "b", "c", "e"}:
         if model is None:

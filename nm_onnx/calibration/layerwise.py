@@ -1,6 +1,7 @@
 """`calibrate`: compute the constants a recipe needs, layer by layer, resumably.
 
-What is computed (METHOD.md):
+What is computed (METHOD.md), per site by its own setting (`recipe.resolve`: a mixed recipe gives
+sites different patterns and mitigations; the fitting masks each site with its own N:M):
   * amber / wanda channel factors: from each targeted weight (reference.channel_factors);
   * static shift: mean over calibration tokens of the per-token median of each target's input;
   * learned per-channel shift / output scale+shift: fitted per decoder layer, in order. The layer's
@@ -255,18 +256,18 @@ def calibrate(
         meta_file.write_text(json.dumps({"key": key, "recipe": recipe.name}))
         wrappers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
         tensors: dict[str, np.ndarray] = {}
-        if recipe.criterion in F.CHANNEL_FACTOR_CRITERIA:
-            for path, w in wrappers.items():
-                w.channel_scale = torch.from_numpy(F.channel_factors(w.weight, recipe.criterion))
+        for path, w in wrappers.items():
+            if w.setting.criterion in F.CHANNEL_FACTOR_CRITERIA:
+                w.channel_scale = torch.from_numpy(F.channel_factors(w.weight, w.setting.criterion))
         layer_reports = []
-        needs_layers = recipe.shift == "static" or recipe.needs_fitting
-        if needs_layers:
+        layerwise = [p for p, w in wrappers.items() if w.setting.shift == "static" or w.setting.needs_fitting]
+        if layerwise:
             layers_path, layers = decoder_layers(model)
             by_layer = [
                 {p: w for p, w in wrappers.items() if p.startswith(f"{layers_path}.{i}.")}
                 for i in range(len(layers))
             ]
-            outside = set(wrappers) - {p for d in by_layer for p in d}
+            outside = set(layerwise) - {p for d in by_layer for p in d}
             if outside:
                 raise NmOnnxError(
                     f"recipe '{recipe.name}' needs layer-wise calibration but targets modules outside the "
@@ -297,7 +298,7 @@ def calibrate(
                     continue
                 for w in ws.values():
                     w.enabled = False
-                with _median_stats(ws.values() if recipe.shift == "static" else ()) as stats:
+                with _median_stats([w for w in ws.values() if w.setting.shift == "static"]) as stats:
                     targets = run_layer(layer, inputs, kw)
                 for w in ws.values():
                     if w in stats:
@@ -332,7 +333,7 @@ def calibrate(
                 del targets
         for path, w in wrappers.items():
             for k, v in w.constants().items():
-                if k == "static_shift" and recipe.shift != "static":
+                if k == "static_shift" and w.setting.shift != "static":
                     continue
                 if k in ("learned_shift", "scale_a", "scale_b", "static_shift") and not _calibrated(
                     path, layer_reports

@@ -37,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_SEMANTIC = ("pattern", "criterion", "shift", "scale_shift", "variance_correction", "targets", "exclude")
+_SEMANTIC = ("pattern", "criterion", "shift", "scale_shift", "variance_correction", "targets", "exclude", "overrides")
 
 
 def run(args) -> int:
@@ -65,7 +65,7 @@ def run(args) -> int:
         recipe = SparsityRecipe.load(args.recipe) if args.recipe else artifact.recipe
         if artifact is not None:
             a, b = artifact.recipe.to_dict(), recipe.to_dict()
-            diff = [k for k in _SEMANTIC if a[k] != b[k]]
+            diff = [k for k in _SEMANTIC if a.get(k) != b.get(k)]
             if diff:
                 raise NmOnnxError(
                     f"--recipe {recipe.name} differs from the artifact's recipe {artifact.recipe.name} in "
@@ -73,6 +73,8 @@ def run(args) -> int:
                 )
     if dense and args.weight_pruning:
         raise NmOnnxError("--weight-pruning needs a recipe with a pattern, not 'dense'")
+    if args.weight_pruning and recipe.overrides:
+        raise NmOnnxError(f"--weight-pruning takes one pattern; recipe '{recipe.name}' has per-site overrides")
 
     text = load_eval_text(args.data)
     hf_dir = resolve_model(args.model)

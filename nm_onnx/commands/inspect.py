@@ -19,6 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from nm_onnx.passes.common import pattern_counts
     from nm_onnx.passes.record import site_records
 
     model = load_model(args.model)
@@ -33,8 +34,9 @@ def run(args) -> int:
     if records:
         recipe = json.loads(model.metadata_props.get("nm_onnx.recipe", "{}"))
         fused = sum(r["fused"] for r in records)
+        patterns = ", ".join(f"{p} x {c}" for p, c in pattern_counts(records).items())
         print(f"transformed by nm-onnx {model.metadata_props.get('nm_onnx.version', '?')}: recipe "
-              f"{recipe.get('name', '?')} ({recipe.get('pattern', '?')}), {len(records)} sparse sites "
+              f"{recipe.get('name', '?')} ({patterns}), {len(records)} sparse sites "
               f"({fused} fused); transform the dense export, not this model\n")
         header = f"{'sparse site':<40} {'kind':<8} {'K':>6} {'O':>6} {'op':<15} {'N:M':<6} input -> output"
         print(header)

@@ -32,12 +32,15 @@ class SitePlan:
 class PassReport:
     """What the passes did: per-site actions and reasons, counts per site kind."""
 
-    sites: list[dict] = field(default_factory=list)  # {module, kind, action, reason}
+    sites: list[dict] = field(default_factory=list)  # {module, kind, action, reason[, pattern "N:M" if sparse]}
     fused: dict[str, str] = field(default_factory=dict)  # module -> "fused" or the reason it is not
     records: list[dict] = field(default_factory=list)  # one per sparsified site (nm_onnx.passes.record)
 
-    def add(self, site, action: str, reason: str = "") -> None:
-        self.sites.append({"module": site.module, "kind": site.kind, "action": action, "reason": reason})
+    def add(self, site, action: str, reason: str = "", pattern: str | None = None) -> None:
+        entry = {"module": site.module, "kind": site.kind, "action": action, "reason": reason}
+        if pattern is not None:
+            entry["pattern"] = pattern
+        self.sites.append(entry)
 
     def counts(self) -> dict[str, Counter]:
         """{kind: Counter(action)} with action among sparse / dense and fused / unfused."""
@@ -60,10 +63,28 @@ class PassReport:
         rows.append(
             f"{'total':<8} {n:>5} {total['sparse']:>6} {total['fused']:>5} {total['unfused']:>7} {total['dense']:>5}"
         )
+        patterns = pattern_counts(self.sites)
+        if len(patterns) > 1:  # a mixed recipe: say which pattern how often
+            rows.append("patterns: " + ", ".join(f"{p} x {c}" for p, c in patterns.items()))
         reasons = Counter(r for r in self.fused.values() if r != "fused")
         for reason, count in reasons.items():
             rows.append(f"not fused ({count} site(s)): {reason}")
+        dense = Counter(s["reason"] for s in self.sites if s["action"] == "dense")
+        for reason, count in dense.items():
+            if "override" in reason:
+                rows.append(f"dense ({count} site(s)): {reason}")
         return "\n".join(rows)
+
+
+def pattern_counts(entries) -> dict[str, int]:
+    """{"N:M": sites} of report entries or site records (those with a pattern / n, m), most common first."""
+    c: Counter = Counter()
+    for e in entries:
+        if "pattern" in e:
+            c[e["pattern"]] += 1
+        elif e.get("n") is not None and e.get("m") is not None:
+            c[f"{e['n']}:{e['m']}"] += 1
+    return dict(c.most_common())
 
 
 def tag(node: ir.Node, site, role: str) -> ir.Node:

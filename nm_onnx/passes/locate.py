@@ -1,9 +1,11 @@
-"""locate: recipe target globs -> linear sites, with every precondition of the rewrite checked.
+"""locate: the recipe resolved per linear site (`recipe.resolve`) -> one SitePlan per sparse site.
 
-Fails early with one actionable line (NmOnnxError) for: an already-transformed model, a glob that
+Each plan carries its site's own pattern and mitigations (a mixed recipe's overrides applied), and
+insert / fuse / record read only the plan. Fails early with one actionable line (NmOnnxError) for: an already-transformed model, a glob that
 matches nothing (lists module paths), an unstructured pattern (reference-only), a pattern whose M
 does not divide K at a site (names the site), calibration constants the recipe needs but nothing
-provides (names them). Sites not selected by the recipe are reported as dense, with the reason.
+provides (names them). Sites not selected by the recipe, or made dense by an override, are reported
+as dense, with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from nm_onnx.graph.sites import find_linear_sites, module_call
 from nm_onnx.method import constant_shape, needed_constants
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import PassReport, SitePlan
+from nm_onnx.recipe import METHOD_FIELDS
 
 
 def check_not_transformed(model: ir.Model) -> None:
@@ -40,26 +43,22 @@ class LocatePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.recipe
         check_not_transformed(model)
-        if recipe.is_unstructured:
-            raise NmOnnxError(
-                f"recipe '{recipe.name}': pattern '{recipe.pattern}' is unstructured; the ONNX ops support "
-                "N:M patterns only (unstructured sparsity is reference-only: use `nm-onnx evaluate-torch`)"
-            )
         sites = find_linear_sites(model)
         if not sites:
             raise NmOnnxError("the model has no linear sites (MatMul with a constant [K, O] weight) to sparsify")
-        # a recipe names modules: a module's repeated calls (#1, #2) follow its first one
-        modules = list(dict.fromkeys(module_call(s.module)[0] for s in sites))
-        chosen = set(recipe.match(modules))
-        selected = {s.module for s in sites if module_call(s.module)[0] in chosen}
-        n, m = recipe.n, recipe.m
+        # a recipe names modules: a module's repeated calls (#1, #2) follow its first one (same weight, same K)
+        k = {}
         for s in sites:
-            if s.module in selected and s.k % m != 0:
+            k.setdefault(module_call(s.module)[0], s.k)
+        settings = recipe.resolve(list(k), k)  # targets, exclude, overrides, K % M
+        for st in settings.values():
+            if st.is_unstructured:
                 raise NmOnnxError(
-                    f"recipe '{recipe.name}': pattern {recipe.pattern} does not divide K={s.k} at site "
-                    f"'{s.module}' (K % {m} != 0); choose another pattern or exclude this module"
+                    f"recipe '{recipe.name}': pattern '{st.pattern}' at site '{st.module}' is unstructured; the ONNX "
+                    "ops support N:M patterns only (unstructured sparsity is reference-only: use `nm-onnx evaluate-torch`)"
                 )
-        needed = needed_constants(recipe)
+        sparse = {m: st for m, st in settings.items() if not st.dense}
+        needed = list(dict.fromkeys(c for st in sparse.values() for c in needed_constants(st)))
         if needed and self.calibration is None:
             raise NmOnnxError(
                 f"recipe '{recipe.name}' needs calibration constants {', '.join(needed)}; "
@@ -67,14 +66,19 @@ class LocatePass(ir.passes.InPlacePass):
             )
         if self.calibration is not None:
             self._check_artifact_recipe()
-            self._check_artifact_model(sites, [s.module for s in sites if s.module in selected])
+            self._check_artifact_model(sites, [s.module for s in sites if module_call(s.module)[0] in sparse])
         self.plans = []
         for s in sites:
-            if s.module not in selected:
+            base = module_call(s.module)[0]
+            st = settings.get(base)
+            if st is None:
                 self.report.add(s, "dense", "not selected by the recipe targets/exclude")
                 continue
-            constants = self.calibration.constants(module_call(s.module)[0]) if self.calibration is not None else {}
-            missing = [c for c in needed if c not in constants]
+            if st.dense:
+                self.report.add(s, "dense", "pattern 'dense' set by a recipe override")
+                continue
+            constants = self.calibration.constants(base) if self.calibration is not None else {}
+            missing = [c for c in needed_constants(st) if c not in constants]
             if missing:
                 raise NmOnnxError(
                     f"calibration artifact has no {', '.join(missing)} for site '{s.module}'; "
@@ -83,18 +87,17 @@ class LocatePass(ir.passes.InPlacePass):
             self._check_shapes(s, constants)
             self.plans.append(
                 SitePlan(
-                    site=s, n=n, m=m, criterion=recipe.criterion, shift=recipe.shift,
-                    variance_correction=recipe.variance_correction, scale_shift=recipe.scale_shift,
+                    site=s, n=st.n, m=st.m, criterion=st.criterion, shift=st.shift,
+                    variance_correction=st.variance_correction, scale_shift=st.scale_shift,
                     constants=constants,
                 )
             )
-            self.report.add(s, "sparse")
+            self.report.add(s, "sparse", pattern=f"{st.n}:{st.m}")
         return ir.passes.PassResult(model, False)
 
     def _check_artifact_recipe(self) -> None:
         a, r = self.calibration.recipe, self.recipe
-        fields = ("pattern", "criterion", "shift", "scale_shift", "variance_correction")
-        diff = [f for f in fields if getattr(a, f) != getattr(r, f)]
+        diff = [f for f in (*METHOD_FIELDS, "overrides") if getattr(a, f) != getattr(r, f)]
         if diff:
             raise NmOnnxError(
                 f"calibration artifact was made for recipe '{a.name}', which differs from '{r.name}' in "

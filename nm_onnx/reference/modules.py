@@ -1,7 +1,8 @@
 """Simulate a recipe on a Hugging Face model by wrapping its targeted nn.Linear modules.
 
 `sparsify_model(model, recipe, artifact)` replaces every targeted `nn.Linear` with a `SparseLinear`
-that shares the original weight and bias Parameters (state-dict keys are unchanged) and computes
+(its own pattern and mitigations: the site's `SiteSetting` from `recipe.resolve`; sites an override
+makes dense stay plain linears) that shares the original weight and bias Parameters (state-dict keys are unchanged) and computes
 `functional.sparse_linear`. The model's own code is untouched; `unsparsify_model` puts the plain
 linears back. Constants come from the calibration artifact; amber/wanda factors are computed from the
 weights when no artifact is given.
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.method import CONSTANT_NAMES, constant_shape
-from nm_onnx.recipe import SparsityRecipe
+from nm_onnx.method import CONSTANT_NAMES, constant_shape, needed_constants
+from nm_onnx.recipe import SiteSetting, SparsityRecipe
 from nm_onnx.reference import functional as F
 
 __all__ = ["CONSTANT_NAMES", "SparseLinear", "decoder_layers", "linear_paths", "sparse_modules",
@@ -22,21 +23,21 @@ __all__ = ["CONSTANT_NAMES", "SparseLinear", "decoder_layers", "linear_paths", "
 
 
 class SparseLinear(nn.Module):
-    """An nn.Linear under N:M activation sparsity (one recipe, one module path)."""
+    """An nn.Linear under N:M activation sparsity (one site setting, one module path)."""
 
-    def __init__(self, linear: nn.Linear, recipe: SparsityRecipe, path: str):
+    def __init__(self, linear: nn.Linear, setting: SiteSetting, path: str):
         super().__init__()
         self.path = path
-        self.recipe = recipe
+        self.setting = setting
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         self.original = [linear]  # a list, so it is not registered as a submodule
         k, o = self.in_features, self.out_features
-        self.n, self.m = recipe.group(k)
+        self.n, self.m = setting.group(k)
         if k % self.m != 0:
             raise NmOnnxError(
-                f"pattern {recipe.pattern} does not fit {path}: its input size K={k} is not a multiple "
+                f"pattern {setting.pattern} does not fit {path}: its input size K={k} is not a multiple "
                 f"of M={self.m}; exclude this module from the recipe's targets"
             )
         self.enabled = True  # False: behave as the dense linear
@@ -47,9 +48,9 @@ class SparseLinear(nn.Module):
         self.learned_shift = None
         self.scale_a = None
         self.scale_b = None
-        if recipe.shift == "learned":
+        if setting.shift == "learned":
             self.learned_shift = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev))
-        if recipe.scale_shift:
+        if setting.scale_shift:
             self.scale_a = nn.Parameter(torch.zeros(o, dtype=torch.float32, device=dev))
             self.scale_b = nn.Parameter(torch.zeros(o, dtype=torch.float32, device=dev))
 
@@ -88,7 +89,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
-        r = self.recipe
+        r = self.setting
         if r.criterion in F.CHANNEL_FACTOR_CRITERIA and self.channel_scale is None:
             self.channel_scale = torch.from_numpy(F.channel_factors(self.weight, r.criterion)).to(
                 self.weight.device
@@ -111,7 +112,7 @@ class SparseLinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"{self.path}: {self.in_features}->{self.out_features}, {self.recipe.describe()}"
+        return f"{self.path}: {self.in_features}->{self.out_features}, {self.setting.describe()}"
 
 
 def linear_paths(model: nn.Module) -> list[str]:
@@ -139,28 +140,18 @@ def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None
     recipe = SparsityRecipe.load(recipe)
     if sparse_modules(model):
         raise NmOnnxError("model is already sparsified; call unsparsify_model first")
-    paths = recipe.match(linear_paths(model))
-    if not paths:
-        raise NmOnnxError(f"recipe '{recipe.name}': every target is excluded; nothing to sparsify")
-    wrappers = {p: SparseLinear(model.get_submodule(p), recipe, p) for p in paths}
+    paths = linear_paths(model)
+    settings = recipe.resolve(paths, {p: model.get_submodule(p).in_features for p in paths})
+    wrappers = {p: SparseLinear(model.get_submodule(p), s, p) for p, s in settings.items() if not s.dense}
     for p, w in wrappers.items():
+        s = w.setting
+        consts = artifact.constants(p) if artifact is not None else {}
         if artifact is not None:
-            consts = artifact.constants(p)
-            if recipe.shift != "static":
+            if s.shift != "static":
                 consts.pop("static_shift", None)
             w.set_constants(consts)
         if strict:
-            missing = []
-            if recipe.shift == "static" and w.static_shift is None:
-                missing.append("static_shift")
-            if recipe.needs_fitting and artifact is None:
-                missing.append("learned parameters")
-            if artifact is not None and recipe.needs_fitting:
-                c = artifact.constants(p)
-                if recipe.shift == "learned" and "learned_shift" not in c:
-                    missing.append("learned_shift")
-                if recipe.scale_shift and not {"scale_a", "scale_b"} <= set(c):
-                    missing.append("scale_a/scale_b")
+            missing = [c for c in needed_constants(s) if c not in consts]
             if missing:
                 raise NmOnnxError(
                     f"recipe '{recipe.name}' needs calibration constants ({', '.join(missing)}) for {p}; "
