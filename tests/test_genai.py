@@ -246,3 +246,17 @@ def test_genai_transform_cli_output_replaces_only_its_own(tmp_path):
     r = run_cli("transform", copy, tmp_path / "t", "--recipe", "8:16-magnitude")
     assert r.returncode == 2 and "libother.so" in r.stderr and not (tmp_path / "t").exists()
     assert Path(tmp_path / "s" / "libnm_onnx_ops.so").is_file()
+
+
+def test_evaluate_genai_dir_equals_the_optimum_export():
+    """Perplexity of a GenAI directory through a plain ORT session (its own tokenizer files, written by
+    the builder's transformers 5) equals the optimum export's of the same model on the same windows."""
+    from models_cache import tiny_export
+
+    from nm_onnx.evaluate import evaluate
+
+    kw = {"seqlen": 48, "limit": 3, "threads": 1}
+    got = evaluate(tiny_genai("llama"), **kw)["perplexity"]
+    ref = evaluate(tiny_export("llama"), **kw)["perplexity"]
+    assert got["tokens"] == ref["tokens"] == 3 * 47
+    assert abs(got["perplexity"] / ref["perplexity"] - 1) < 1e-4, (got, ref)
