@@ -59,8 +59,31 @@ def tiny_bos_export(arch: str = "llama") -> Path:
     return _locked_export(f"tiny-{arch}-bos", lambda out: export(tiny_hf(arch, bos=True), out))
 
 
+def tiny_qwen2_bias_hf() -> Path:
+    """The tiny random Qwen2 with nonzero q/k/v biases (random init leaves them 0, and the GenAI
+    builder then drops the bias Add)."""
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from nm_onnx.io import atomic_dir
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_hf("qwen2"))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.1)
+        with atomic_dir(out, "hf-model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tiny_hf("qwen2")).save_pretrained(tmp)
+
+    return _locked_export("tiny-qwen2-bias-hf", build, marker="config.json")
+
+
 def tiny_genai(arch: str = "llama", precision: str = "fp32", **extra_options) -> Path:
-    """ORT GenAI directory of the tiny random `arch` model, built by the real model builder.
+    """ORT GenAI directory of the tiny random `arch` model (or "qwen2-bias"), built by the real builder.
 
     Keyed by content: the HF directory's files, the builder's pins (requirements-genai-builder.txt),
     the precision and the builder's extra options; a changed input builds a new entry.
@@ -72,7 +95,7 @@ def tiny_genai(arch: str = "llama", precision: str = "fp32", **extra_options) ->
     from nm_onnx.genai import BUILDER_REQUIREMENTS
     from nm_onnx.ops.library import REPO_ROOT
 
-    src = tiny_hf(arch)
+    src = tiny_qwen2_bias_hf() if arch == "qwen2-bias" else tiny_hf(arch)
     h = hashlib.sha256()
     for f in sorted(p for p in src.iterdir() if p.is_file() and p.name != "nm_onnx_manifest.json"):
         h.update(f.name.encode() + b"\0" + f.read_bytes())

@@ -93,6 +93,7 @@ def test_builder_sites_packed_qkv_and_gate_up():
     ("llama", "8:16-magnitude", {}),
     ("llama", "8:16-median-shift", {"fuse_mlp_gate_up": True}),
     ("qwen2", "8:16-median-shift", {}),
+    ("qwen2-bias", "8:16-median-shift", {}),  # the packed q/k/v bias Add stays behind the fused site
 ])
 def test_transformed_genai_dir_generates_in_og_like_ort(tmp_path, arch, recipe, extra):
     from nm_onnx.transform import transform
@@ -111,6 +112,11 @@ def test_transformed_genai_dir_generates_in_og_like_ort(tmp_path, arch, recipe, 
     assert dense_og == dense_ort  # the harness: og and a plain session decode alike
     assert sparse_og == sparse_ort  # og runs our kernels exactly like a plain ORT session does
     assert np.abs(sparse_logits - dense_logits).max() > 1e-3  # the sites are really sparse
+    if arch == "qwen2-bias":
+        from nm_onnx.graph import find_linear_sites, load_model
+
+        qkv = [s for s in find_linear_sites(load_model(genai.decoder_file(dense))) if s.kind == "qkv"]
+        assert qkv and all(s.bias == f"model.layers.{s.layer}.attn.qkv_proj.Add.bias" for s in qkv)
     print(f"{arch} {recipe}: dense {dense_og[:8]} sparse {sparse_og[:8]}")
 
 
@@ -145,8 +151,8 @@ def _exposed(directory, names):
 
 
 @needs_library
-@pytest.mark.parametrize("extra", [{}, {"fuse_mlp_gate_up": True}])
-def test_packed_site_masks_equal_the_reference(tmp_path, extra):
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"fuse_mlp_gate_up": True}), ("qwen2-bias", {})])
+def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
     """Every site's mask (unfused: the NMMask output) is the PyTorch reference's mask of the activation
     it received, and a fused packed site's output is the reference sparse_linear on the packed weight."""
     import torch
@@ -157,8 +163,8 @@ def test_packed_site_masks_equal_the_reference(tmp_path, extra):
     from nm_onnx.reference import functional as F
     from nm_onnx.transform import transform
 
-    dense = tiny_genai("llama", **extra)
-    weights = {s.module: s.weight for s in find_linear_sites(load_model(genai.decoder_file(dense)))}
+    dense = tiny_genai(arch, **extra)
+    weights = {s.module: (s.weight, s.bias) for s in find_linear_sites(load_model(genai.decoder_file(dense)))}
     window = np.random.default_rng(0).integers(3, 500, size=(1, 24))
     for fuse in (False, True):
         out = tmp_path / f"sparse-{fuse}"
@@ -182,8 +188,10 @@ def test_packed_site_masks_equal_the_reference(tmp_path, extra):
             if not fuse:
                 np.testing.assert_array_equal(res[masks[r["module"]]] != 0, ref_mask, err_msg=r["module"])
             else:
-                w = torch.from_numpy(inits[weights[r["module"]]].T.copy())
-                y = F.sparse_linear(x, w, n=8, m=16, shift="median").numpy()
+                weight, bias = weights[r["module"]]
+                w = torch.from_numpy(inits[weight].T.copy())
+                b = torch.from_numpy(inits[bias]) if bias else None
+                y = F.sparse_linear(x, w, b, n=8, m=16, shift="median").numpy()
                 got = res[r["output"]]
                 assert np.abs(got - y).max() <= 1e-5 * np.abs(y).max(), r["module"]
         assert {r["kind"] for r in packed} == ({"qkv", "gate_up"} if extra else {"qkv"})
@@ -260,3 +268,34 @@ def test_evaluate_genai_dir_equals_the_optimum_export():
     ref = evaluate(tiny_export("llama"), **kw)["perplexity"]
     assert got["tokens"] == ref["tokens"] == 3 * 47
     assert abs(got["perplexity"] / ref["perplexity"] - 1) < 1e-4, (got, ref)
+
+
+def test_calibrated_recipe_on_packed_sites_is_refused(tmp_path):
+    """Calibration constants are per Hugging Face projection; a packed site has none: one clear line."""
+    from nm_onnx.calibration.artifact import CalibrationArtifact
+    from nm_onnx.recipe import SparsityRecipe
+    from nm_onnx.transform import transform
+
+    recipe = SparsityRecipe.load("8:16-static-shift")
+    art = CalibrationArtifact(recipe, {"model.layers.0.self_attn.q_proj.static_shift": np.zeros(1, np.float32)})
+    with pytest.raises(NmOnnxError, match=r"packs projections into one site \('model.layers.0.self_attn.qkv_proj'"):
+        transform(tiny_genai("llama"), tmp_path / "out", recipe, calibration=art)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_library
+def test_bench_on_genai_dirs_and_its_context(tmp_path):
+    """`nm-onnx bench` times a GenAI pair in plain sessions; the context comes from genai_config.json."""
+    from nm_onnx.transform import transform
+
+    dense = tiny_genai("llama")
+    transform(dense, tmp_path / "s", "8:16-magnitude")
+    r = run_cli("bench", tmp_path / "s", "--baseline", dense, "--prompt", "16", "--decode", "4", "--repeats", "1",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["results"]) == {"model", "baseline"} and res["decode_speedup"] > 0
+    r = run_cli("bench", tmp_path / "s", "--prompt", "250", "--decode", "16")
+    assert r.returncode == 2
+    (line,) = error_lines(r.stderr)
+    assert "exceeds the model's context of 256 tokens" in line

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from nm_onnx.genai import PRODUCER as GENAI_PRODUCER
 
 KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
+PACKED_KINDS = ("qkv", "gate_up")  # one MatMul for several Hugging Face projections (ORT GenAI builds)
 _KIND_BY_NAME = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "lm_head",
