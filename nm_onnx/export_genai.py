@@ -3,7 +3,10 @@
 The builder (`python -m onnxruntime_genai.models.builder`) runs as a subprocess in its own
 environment (nm_onnx.genai.builder_python: it needs transformers 5), offline, on the local HF
 directory that `nm_onnx.models.resolve_model` gives (alias, HF dir or GGUF), for the CPU execution
-provider. The output folder gets the project's usual safety (nm_onnx.io: checked before the slow
+provider. A byte-level BPE tokenizer.json that also says `byte_fallback` (what transformers writes
+for the GGUF-converted SmolLM2) is rewritten without it, with the plain ByteLevel decoder: every byte
+already has a byte-level token, so the ids do not change, but og.Tokenizer otherwise maps every space
+to id -1. The output folder gets the project's usual safety (nm_onnx.io: checked before the slow
 work, staged and renamed into place, a manifest) and is checked to load in an ORT session.
 """
 
@@ -75,6 +78,9 @@ def export_genai(
             raise NmOnnxError(f"ORT GenAI's model builder wrote no {CONFIG} for {source}")
         model_path = decoder_file(tmp)
         _check_loads(model_path)
+        if fix_byte_level_tokenizer(tmp / "tokenizer.json"):
+            print("nm-onnx: tokenizer.json: byte-level BPE without byte_fallback (for og.Tokenizer; same ids)",
+                  file=sys.stderr)
         (tmp / "nm_onnx_export.json").write_text(json.dumps(
             {"source": str(source), "format": "genai", "precision": precision, "execution_provider": "cpu",
              "extra_options": extra_options or {}, "builder": _builder_version(python)}, indent=2) + "\n")
@@ -112,6 +118,26 @@ def _run_builder(cmd: list[str], source, shown_as: dict[str, str]) -> None:
             f"ORT GenAI's model builder failed on {source} (exit {rc}): {why[:300]}; full log: {log.name}"
         )
     os.unlink(log.name)
+
+
+def fix_byte_level_tokenizer(path: Path) -> bool:
+    """Drop byte_fallback (and its decoders) from a byte-level BPE tokenizer.json; True if rewritten."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    model, pre = d.get("model") or {}, d.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in pres if isinstance(p, dict) and p.get("type") == "ByteLevel"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not byte_level:
+        return False
+    model["byte_fallback"] = False
+    dec = d.get("decoder") or {}
+    decs = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    d["decoder"] = next((x for x in decs if isinstance(x, dict) and x.get("type") == "ByteLevel"),
+                        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True})
+    path.write_text(json.dumps(d, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return True
 
 
 def _builder_version(python) -> str | None:

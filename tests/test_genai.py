@@ -299,3 +299,29 @@ def test_bench_on_genai_dirs_and_its_context(tmp_path):
     assert r.returncode == 2
     (line,) = error_lines(r.stderr)
     assert "exceeds the model's context of 256 tokens" in line
+
+
+@pytest.mark.slow
+def test_smollm2_genai_export_og_tokenizer_and_generation(tmp_path):
+    """SmolLM2-135M: builder export, og.Tokenizer ids equal the Hugging Face tokenizer's (byte_fallback
+    dropped from the byte-level BPE), dense og continues "The capital of France is" with " Paris.", and
+    the 8:16-median-shift transform generates through og like a plain ORT session."""
+    from nm_onnx.evaluation.tokenizer import load_tokenizer
+    from nm_onnx.models import resolve_model
+    from nm_onnx.transform import transform
+
+    dense = tmp_path / "g"
+    r = run_cli("export", "smollm2-135m", dense, "--format", "genai")
+    assert r.returncode == 0, r.stderr
+    assert "without byte_fallback" in r.stderr
+    hf = load_tokenizer(resolve_model("smollm2-135m"))
+    text = "The capital of France is Paris.  Hello   world\n\n = Valkyria = café 日本語"
+    model = og.Model(str(dense))
+    tok = og.Tokenizer(model)
+    ids = [int(t) for t in tok.encode(text)]
+    assert ids == hf(text)["input_ids"] and tok.decode(ids) == text
+    prompt = hf("The capital of France is")["input_ids"]
+    del model
+    assert hf.decode(og_greedy(dense, prompt, 3)).startswith(" Paris.")
+    transform(dense, tmp_path / "s", "8:16-median-shift")
+    assert og_greedy(tmp_path / "s", prompt, 8) == ort_greedy(tmp_path / "s", prompt, 8)[0]
