@@ -3,7 +3,8 @@
 Accepts a model file, an optimum export directory or an ORT GenAI directory. A directory in gives a
 directory out that optimum's ORTModelForCausalLM still loads (config and tokenizer files are copied;
 register the op library through session options); a GenAI directory out also carries a copy of the
-op library, named in its genai_config.json, so `og.Model(dir)` runs our kernels (nm_onnx.genai). External weights stay external: they are copied to the output
+op library, named in its genai_config.json, so `og.Model(dir)` runs our kernels (nm_onnx.genai).
+External weights stay external: they are copied to the output
 on a background thread while the passes run (nm_onnx.graph.save); outputs over 2 GB always use
 external data; the output appears atomically and is checked against the inputs and existing
 folders before the work starts (nm_onnx.io), so an error never leaves a half-written model and a
@@ -131,7 +132,7 @@ def transform(
     recipe = SparsityRecipe.load(recipe)
     check_transform_output(in_path, out_path, recipe_source, calibration, overwrite)
     is_genai = genai.is_genai_dir(in_path)
-    library = _genai_library(portable) if is_genai else None  # a missing library fails before the work
+    library = _genai_library(in_path, portable) if is_genai else None  # config and library checked first
     artifact = _load_calibration(calibration)
     src = source_model(in_path)
     out = Path(out_path)
@@ -154,13 +155,16 @@ def transform(
     return report
 
 
-def _genai_library(portable: bool) -> Path | None:
-    """The op library a GenAI output carries (None: --portable without a built library)."""
-    from nm_onnx import ops
+def _genai_library(in_path, portable: bool) -> Path | None:
+    """The op library a GenAI output carries (None: --portable without a built library); a missing
+    library, or a config that already loads another one, fails here, before the slow work."""
+    from nm_onnx import genai, ops
 
     if portable and not ops.library_available():
         return None
-    return Path(ops.library_path())
+    library = Path(ops.library_path())
+    genai.with_custom_ops_library(genai.read_config(in_path), library.name)
+    return library
 
 
 def _write_genai_config(src_dir, tmp: Path, library: Path | None) -> None:
