@@ -3,17 +3,31 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 NMONNX := $(VENV)/bin/nm-onnx
 STAMP  := $(VENV)/.nm-onnx-installed
+# ORT GenAI's model builder needs transformers 5: its own venv (requirements-genai-builder.txt, docs/genai.md).
+GENAI_VENV  ?= .venv-genai
+GENAI_STAMP := $(GENAI_VENV)/.nm-onnx-genai-installed
+WHEELS      := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
-.PHONY: setup ops demo test test-all test-asan bench gpu-check clean
+.PHONY: setup genai-env ops demo test test-all test-asan bench gpu-check clean
 
-setup: $(STAMP) ops
+setup: $(STAMP) ops genai-env
 
 # torch first (the pinned CPU build), so nothing later pulls a CUDA build of torch.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(if $(wildcard /opt/wheels),--find-links /opt/wheels) "torch==2.13.0"
-	$(PY) -m pip install -e ".[eval,dev]"
+	$(PY) -m pip install $(WHEELS) "torch==2.13.0"
+	$(PY) -m pip install -e ".[eval,dev,genai]"
+	touch $@
+
+# The builder environment (`nm-onnx export --format genai`); torch from the same pinned CPU wheel, first.
+genai-env: $(GENAI_STAMP)
+
+$(GENAI_STAMP): requirements-genai-builder.txt
+	test -x $(GENAI_VENV)/bin/python || python3 -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install --upgrade pip
+	$(GENAI_VENV)/bin/python -m pip install $(WHEELS) "torch==2.13.0"
+	$(GENAI_VENV)/bin/python -m pip install $(WHEELS) -r requirements-genai-builder.txt
 	touch $@
 
 # The custom op library (C++ CPU kernels, CUDA kernels when nvcc is present).

@@ -172,9 +172,16 @@ def check_model_source(source: str | os.PathLike) -> None:
 
 
 def context_length(path: str | os.PathLike) -> int | None:
-    """max_position_embeddings from the config.json of a HF or export directory (or a model file's folder)."""
+    """max_position_embeddings from the config.json of a HF or export directory (or a model file's folder);
+    model.context_length of an ORT GenAI directory (genai_config.json, no config.json)."""
+    from nm_onnx import genai
+
     p = Path(path)
-    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    folder = p if p.is_dir() else p.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file() and genai.is_genai_dir(folder):
+        v = genai.read_config(folder)["model"].get("context_length")
+        return v if isinstance(v, int) and v > 0 else None
     try:
         d = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
@@ -191,7 +198,8 @@ def check_context(path, tokens: int, option: str) -> None:
     limit = context_length(path)
     if limit is not None and tokens > limit:
         raise NmOnnxError(
-            f"{option} {tokens} exceeds the model's context of {limit} tokens (max_position_embeddings); "
+            f"{option} {tokens} exceeds the model's context of {limit} tokens (max_position_embeddings, or "
+            "context_length of a GenAI config); "
             f"use at most {limit}"
         )
 

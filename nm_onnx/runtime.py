@@ -121,7 +121,15 @@ def make_session(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NmOnnxError(f"onnxruntime cannot load {path}: {msg}") from None
     sess.nm_onnx_library = registered  # type: ignore[attr-defined]
+    sess.nm_onnx_head_size = _genai_head_size(path)  # type: ignore[attr-defined]
     return sess
+
+
+def _genai_head_size(path: Path) -> int | None:
+    """The KV cache's head size of a GenAI directory's decoder (its graph leaves that axis symbolic)."""
+    from nm_onnx import genai
+
+    return genai.head_size(path.parent) if genai.is_genai_dir(path.parent) else None
 
 
 def session_dir(path: str | os.PathLike) -> Path:

@@ -1,8 +1,10 @@
 """`transform`: rewrite an exported dense model into an N:M-activation-sparse one (library function).
 
-Accepts a model file or an optimum export directory. A directory in gives a directory out that
-optimum's ORTModelForCausalLM still loads (config and tokenizer files are copied; register the op
-library through session options). External weights stay external: they are copied to the output
+Accepts a model file, an optimum export directory or an ORT GenAI directory. A directory in gives a
+directory out that optimum's ORTModelForCausalLM still loads (config and tokenizer files are copied;
+register the op library through session options); a GenAI directory out also carries a copy of the
+op library, named in its genai_config.json, so `og.Model(dir)` runs our kernels (nm_onnx.genai).
+External weights stay external: they are copied to the output
 on a background thread while the passes run (nm_onnx.graph.save); outputs over 2 GB always use
 external data; the output appears atomically and is checked against the inputs and existing
 folders before the work starts (nm_onnx.io), so an error never leaves a half-written model and a
@@ -78,12 +80,19 @@ def _data_files(src: Path) -> list[Path]:
                    if uses_external_data(t)})
 
 
+def source_model(in_path) -> Path:
+    """The model file of IN: the file itself, a GenAI directory's decoder, or an export's model.onnx."""
+    from nm_onnx import genai
+    from nm_onnx.graph.load import model_file
+
+    return genai.decoder_file(in_path) if genai.is_genai_dir(in_path) else model_file(in_path)
+
+
 def check_transform_output(in_path, out_path, recipe_source=None, calibration=None, overwrite=False) -> None:
     """Refuse a bad output before any slow work (see nm_onnx.io): the input, inside it, over user files."""
-    from nm_onnx.graph.load import model_file
     from nm_onnx.io import check_output_dir, check_output_file
 
-    src = model_file(in_path)
+    src = source_model(in_path)
     out = Path(out_path)
     inputs = [in_path, src, *_data_files(src)]
     for extra in (recipe_source, calibration):
@@ -114,18 +123,22 @@ def transform(
     OUT may not be, contain or lie inside IN (or the recipe / calibration given); an existing OUT is
     replaced only when it is an earlier nm-onnx transform output, or with `overwrite`.
     """
-    from nm_onnx.graph.load import load_model, model_file
+    from nm_onnx import genai
+    from nm_onnx.graph.load import load_model
     from nm_onnx.recipe import SparsityRecipe
 
     start = time.perf_counter()
     recipe_source = recipe
     recipe = SparsityRecipe.load(recipe)
     check_transform_output(in_path, out_path, recipe_source, calibration, overwrite)
+    is_genai = genai.is_genai_dir(in_path)
+    library = _genai_library(in_path, portable) if is_genai else None  # config and library checked first
     artifact = _load_calibration(calibration)
-    src = model_file(in_path)
+    src = source_model(in_path)
     out = Path(out_path)
     as_dir = Path(in_path).is_dir()
     model = load_model(src)
+    genai.check_no_int4(model, src)
     prewrite = None
     try:
         if has_external(model):  # copy the weights to the output while the passes run
@@ -134,7 +147,7 @@ def transform(
         external = has_external(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
         report = TransformReport(str(in_path), str(out), recipe.name, fuse, portable, external, 0.0, passes)
         _write_output(model, in_path, src, out, as_dir, external, prewrite, report, start, overwrite,
-                      [in_path, recipe_source, calibration])
+                      [in_path, recipe_source, calibration], library)
     finally:
         if prewrite is not None:
             prewrite.close()
@@ -142,8 +155,31 @@ def transform(
     return report
 
 
+def _genai_library(in_path, portable: bool) -> Path | None:
+    """The op library a GenAI output carries (None: --portable without a built library); a missing
+    library, or a config that already loads another one, fails here, before the slow work."""
+    from nm_onnx import genai, ops
+
+    if portable and not ops.library_available():
+        return None
+    library = Path(ops.library_path())
+    genai.with_custom_ops_library(genai.read_config(in_path), library.name)
+    return library
+
+
+def _write_genai_config(src_dir, tmp: Path, library: Path | None) -> None:
+    """Copy the op library beside the model and name it (bare file name) in genai_config.json."""
+    from nm_onnx import genai
+
+    cfg = genai.read_config(src_dir)
+    if library is not None:
+        shutil.copy2(library, tmp / library.name)
+        cfg = genai.with_custom_ops_library(cfg, library.name)
+    (tmp / genai.CONFIG).write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+
+
 def _write_output(model, in_path, src: Path, out: Path, as_dir: bool, external: bool, prewrite, report, start,
-                  overwrite: bool, inputs):
+                  overwrite: bool, inputs, genai_library: Path | None = None):
     if as_dir:
         from nm_onnx.io import atomic_dir
 
@@ -154,6 +190,10 @@ def _write_output(model, in_path, src: Path, out: Path, as_dir: bool, external: 
                         and f.name != MANIFEST):
                     shutil.copy2(f, tmp / f.name)
             save_model(model, tmp / src.name, external, prewrite)
+            from nm_onnx import genai
+
+            if genai.is_genai_dir(in_path):
+                _write_genai_config(in_path, tmp, genai_library)
             report.seconds = time.perf_counter() - start
             (tmp / "nm_onnx_transform.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     else:

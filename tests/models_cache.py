@@ -8,6 +8,7 @@ leaves a half-written cache entry.
 from __future__ import annotations
 
 import fcntl
+import shutil
 from pathlib import Path
 
 from nm_onnx.export import export
@@ -56,3 +57,66 @@ def tiny_hf(arch: str, bos: bool = False) -> Path:
 def tiny_bos_export(arch: str = "llama") -> Path:
     """Export (KV cache) of the tiny random `arch` model whose tokenizer adds a BOS token."""
     return _locked_export(f"tiny-{arch}-bos", lambda out: export(tiny_hf(arch, bos=True), out))
+
+
+def tiny_qwen2_bias_hf() -> Path:
+    """The tiny random Qwen2 with nonzero q/k/v biases (random init leaves them 0, and the GenAI
+    builder then drops the bias Add)."""
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from nm_onnx.io import atomic_dir
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_hf("qwen2"))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.1)
+        with atomic_dir(out, "hf-model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tiny_hf("qwen2")).save_pretrained(tmp)
+
+    return _locked_export("tiny-qwen2-bias-hf", build, marker="config.json")
+
+
+def tiny_genai(arch: str = "llama", precision: str = "fp32", **extra_options) -> Path:
+    """ORT GenAI directory of the tiny random `arch` model (or "qwen2-bias"), built by the real builder.
+
+    Keyed by content: the HF directory's files, the builder's pins (requirements-genai-builder.txt),
+    the precision and the builder's extra options; a changed input builds a new entry.
+    """
+    import hashlib
+    import json
+
+    from nm_onnx.export_genai import PRECISIONS, export_genai
+    from nm_onnx.genai import BUILDER_REQUIREMENTS
+    from nm_onnx.ops.library import REPO_ROOT
+
+    src = tiny_qwen2_bias_hf() if arch == "qwen2-bias" else tiny_hf(arch)
+    h = hashlib.sha256()
+    for f in sorted(p for p in src.iterdir() if p.is_file() and p.name != "nm_onnx_manifest.json"):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update((REPO_ROOT / BUILDER_REQUIREMENTS).read_bytes())
+    h.update(json.dumps([precision, extra_options], sort_keys=True).encode())
+    name = f"genai-{arch}-{precision}-{h.hexdigest()[:12]}"
+    if precision in PRECISIONS:
+        return _locked_export(name, lambda out: export_genai(src, out, precision=precision,
+                                                             extra_options=extra_options))
+    return _locked_export(name, lambda out: _raw_build(src, out, precision, extra_options))
+
+
+def _raw_build(src: Path, out: Path, precision: str, extra_options: dict) -> None:
+    """The builder on a precision nm-onnx refuses to export (int4: the tests of that refusal)."""
+    import subprocess
+
+    from nm_onnx.export_genai import builder_command
+    from nm_onnx.genai import builder_python
+    from nm_onnx.io import atomic_dir
+
+    with atomic_dir(out, "genai-export") as tmp:
+        subprocess.run(builder_command(builder_python(), src, tmp, tmp / ".cache", precision, extra_options),
+                       check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)

@@ -25,7 +25,7 @@ from nm_onnx import ops
 
 ROOT = Path(__file__).resolve().parent.parent / "nm_onnx"
 CORE = [
-    "errors.py", "io.py", "method.py", "scoring.py", "recipe.py", "progress.py", "data.py", "runtime.py",
+    "errors.py", "io.py", "genai.py", "method.py", "scoring.py", "recipe.py", "progress.py", "data.py", "runtime.py",
     "transform.py", "bench.py", "evaluate.py", "graph", "ops", "passes", "calibration/artifact.py", "evaluation/feeds.py", "evaluation/perplexity.py", "evaluation/latency.py",
     "evaluation/report.py", "evaluation/tokenizer.py", "evaluation/tasks.py",
 ]

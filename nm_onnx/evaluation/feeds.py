@@ -2,7 +2,9 @@
 
 Given token ids [B, T] it fills every graph input an optimum export declares: input_ids,
 attention_mask (ones), position_ids (0..T-1 after the past), and past_key_values.* (empty past, or the
-`present.*` outputs of the previous step when decoding).
+`present.*` outputs of the previous step when decoding). ORT GenAI graphs take the same names but
+leave the KV cache's head axis symbolic: its size comes from the session (`nm_onnx_head_size`, read
+by nm_onnx.runtime.make_session from genai_config.json).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def has_kv_cache(session) -> bool:
 
 def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     past = {}
+    head = getattr(session, "nm_onnx_head_size", None)
     for i in session.get_inputs():
         if not i.name.startswith("past_key_values"):
             continue
@@ -33,6 +36,8 @@ def empty_past(session, batch: int) -> dict[str, np.ndarray]:
                 dims.append(d)
             elif axis == 0:
                 dims.append(batch)
+            elif axis == len(i.shape) - 1 and head:
+                dims.append(head)  # GenAI: [batch, kv_heads, past, kv_cache_dim]
             else:
                 dims.append(0)  # the past sequence axis
         past[i.name] = np.zeros(dims, dtype=_ORT_TO_NP.get(i.type, np.float32))

@@ -6,6 +6,13 @@ embedding). Its module path comes from the node name for optimum/TorchScript exp
 (`/model/layers.3/mlp/down_proj/MatMul` -> `model.layers.3.mlp.down_proj`) or from the
 `pkg.torch.onnx.name_scopes` metadata of torch dynamo exports. This map is the contract between
 `inspect`, calibration (module names) and the graph passes (node and value names).
+
+Graphs of ORT GenAI's model builder (producer `onnxruntime-genai`) name their attention scope `attn`
+where Hugging Face models say `self_attn` (`/model/layers.0/attn/qkv_proj/MatMul`); the module path
+uses the Hugging Face name (`model.layers.0.self_attn.qkv_proj`, as Phi-3's own modules are called), so
+recipes' module globs select the same projections in both kinds of export. The builder packs q, k and v
+into one MatMul (`qkv_proj`, kind qkv) and, optionally, gate and up (`gate_up_proj`, kind gate_up):
+ONE site reading ONE activation, so one mask is shared by the packed projections.
 """
 
 from __future__ import annotations
@@ -14,12 +21,16 @@ import ast
 import re
 from dataclasses import asdict, dataclass
 
-KINDS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "other")
+from nm_onnx.genai import PRODUCER as GENAI_PRODUCER
+
+KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
+PACKED_KINDS = ("qkv", "gate_up")  # one MatMul for several Hugging Face projections (ORT GenAI builds)
 _KIND_BY_NAME = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "lm_head",
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "lm_head",
 }
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+_GENAI_ATTN_RE = re.compile(r"^(model\.layers\.\d+)\.attn\.")
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ def find_linear_sites(model) -> list[LinearSite]:
     """All linear sites of the main graph, in graph order. Duplicated module paths get a #n suffix."""
     sites: list[LinearSite] = []
     seen: dict[str, int] = {}
+    genai = getattr(model, "producer_name", None) == GENAI_PRODUCER
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
@@ -144,6 +156,8 @@ def find_linear_sites(model) -> list[LinearSite]:
         rows, cols = (int(d) for d in init.shape)
         k, o = (cols, rows) if transposed else (rows, cols)
         module = module_path(node) or node.name or node.outputs[0].name
+        if genai:
+            module = _GENAI_ATTN_RE.sub(r"\1.self_attn.", module)
         if module in seen:
             seen[module] += 1
             module = f"{module}#{seen[module]}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.graph.sites import find_linear_sites, module_call
+from nm_onnx.graph.sites import PACKED_KINDS, find_linear_sites, module_call
 from nm_onnx.method import constant_shape, needed_constants
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import PassReport, SitePlan
@@ -66,6 +66,14 @@ class LocatePass(ir.passes.InPlacePass):
             )
         if self.calibration is not None:
             self._check_artifact_recipe()
+            packed = [s.module for s in sites if s.kind in PACKED_KINDS and module_call(s.module)[0] in sparse]
+            if packed:
+                raise NmOnnxError(
+                    f"calibration constants are fitted per Hugging Face projection (q_proj, k_proj, ...), and "
+                    f"this graph packs projections into one site ('{packed[0]}', an ORT GenAI build): "
+                    "calibrated recipes on packed sites are not supported yet; exclude those sites or use a "
+                    "recipe without calibration"
+                )
             self._check_artifact_model(sites, [s.module for s in sites if module_call(s.module)[0] in sparse])
         self.plans = []
         for s in sites:

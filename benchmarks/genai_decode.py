@@ -1,0 +1,109 @@
+"""Decode (and prefill) speed of ORT GenAI directories through og.Generator: sparse vs dense, interleaved.
+
+Each model is loaded once (`og.Model`, with `intra_op_num_threads` set through `og.Config.overlay`);
+each repeat runs every model in turn on the same prompt (the first --prompt tokens of WikiText-2 raw
+test, tokenized by the dense directory's tokenizer files): one `append_tokens` call (prefill, timed)
+then --decode `generate_next_token` steps (timed together). Speedups are medians over the repeats of
+the back-to-back ratio dense time / model time, so a load change on a shared machine hits both sides
+of a pair alike.
+
+    .venv/bin/python benchmarks/genai_decode.py runs/g runs/g-8x16 [more sparse dirs] --prompt 128 --decode 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def load(directory: str, threads: int):
+    import onnxruntime_genai as og
+
+    cfg = og.Config(directory)
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(cfg)
+
+
+def run_once(model, prompt: np.ndarray, decode: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for `decode` tokens) of one greedy generation."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + decode + 1, min_length=prompt.shape[1] + decode + 1,
+                              do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)  # prefill; produces the logits of the first new token
+    t1 = time.perf_counter()
+    for _ in range(decode):
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def prompt_ids(directory: str, tokens: int) -> np.ndarray:
+    from nm_onnx.data import load_eval_text, tokenize
+    from nm_onnx.evaluation.tokenizer import load_tokenizer
+
+    ids = tokenize(load_tokenizer(directory), load_eval_text("wikitext2").text[:20 * tokens])
+    if len(ids) < tokens:
+        raise SystemExit(f"only {len(ids)} prompt tokens available")
+    return np.asarray(ids[:tokens], dtype=np.int32)[None, :]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dense", help="dense GenAI directory (the baseline)")
+    ap.add_argument("models", nargs="+", help="GenAI directories to compare with it (e.g. transformed ones)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps timed per repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+
+    names = [args.dense, *args.models]
+    models = {d: load(d, args.threads) for d in names}
+    prompt = prompt_ids(args.dense, args.prompt)
+    for _ in range(args.warmup):
+        for d in names:
+            run_once(models[d], prompt, min(args.decode, 4))
+    times: dict[str, list[tuple[float, float]]] = {d: [] for d in names}
+    for rep in range(args.repeats):
+        order = names if rep % 2 == 0 else names[::-1]  # alternate who goes first
+        for d in order:
+            times[d].append(run_once(models[d], prompt, args.decode))
+        print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
+    rows = []
+    base = times[args.dense]
+    for d in names:
+        pre = [t[0] for t in times[d]]
+        dec = [t[1] for t in times[d]]
+        rows.append({
+            "model": d,
+            "prefill_ms": 1e3 * statistics.median(pre),
+            "decode_tok_s": args.decode / statistics.median(dec),
+            "prefill_speedup": statistics.median(b[0] / t[0] for b, t in zip(base, times[d])),
+            "decode_speedup": statistics.median(b[1] / t[1] for b, t in zip(base, times[d])),
+        })
+    print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps, {args.repeats} interleaved repeats, "
+          f"{args.threads} threads\n")
+    print("| model | prefill ms | decode tok/s | prefill speedup | decode speedup |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_speedup']:.2f}x | "
+              f"{r['decode_speedup']:.2f}x |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""ORT GenAI as a deployment target (docs/genai.md), on real model-builder output and the real og runtime.
+
+Tiny random Llama and Qwen2 models are built by ORT GenAI's model builder (its own environment,
+.venv-genai; cached by content, tests/models_cache.tiny_genai), transformed, loaded by `og.Model`
+and decoded greedily; og's tokens are compared with a plain ORT session's greedy loop over the same
+model.onnx (through nm_onnx.runtime and the op library), the dense model's tokens likewise, and the
+packed sites' masks (one qkv_proj / gate_up_proj MatMul = one mask for the packed projections) with
+the PyTorch reference's mask of the activation each site received.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import error_lines, needs_library, run_cli
+from models_cache import tiny_genai, tiny_hf
+
+from nm_onnx import genai
+from nm_onnx.errors import NmOnnxError
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (extra `genai`)")
+
+
+def _has_builder() -> bool:
+    try:
+        genai.builder_python()
+    except NmOnnxError:
+        return False
+    return True
+
+
+needs_builder = pytest.mark.skipif(not _has_builder(), reason="no ORT GenAI builder environment: `make genai-env`")
+pytestmark = [pytest.mark.genai, needs_builder]
+
+PROMPT = [5, 17, 99, 3, 42, 7, 301, 12]
+NEW = 16
+
+
+def og_greedy(directory, prompt=PROMPT, new=NEW) -> list[int]:
+    """Greedy continuation by og.Generator (the directory's own genai_config.json)."""
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(prompt):]
+
+
+def ort_greedy(directory, prompt=PROMPT, new=NEW) -> tuple[list[int], np.ndarray]:
+    """(greedy continuation, prompt logits) of a plain ORT session over the directory's model.onnx."""
+    from nm_onnx.evaluation.feeds import make_feed, present_to_past
+    from nm_onnx.runtime import make_session
+
+    sess = make_session(directory, providers=["CPUExecutionProvider"])
+    out = sess.run(None, make_feed(sess, np.array([prompt])))
+    first = out[0]
+    toks = list(prompt)
+    for _ in range(new):
+        toks.append(int(out[0][0, -1].argmax()))
+        out = sess.run(None, make_feed(sess, np.array([[toks[-1]]]), present_to_past(sess, out), len(toks) - 1))
+    return toks[len(prompt):], first
+
+
+def test_builder_sites_packed_qkv_and_gate_up():
+    """The builder's linear sites: module paths from its node names (attn -> self_attn), packed kinds."""
+    from nm_onnx.graph import find_linear_sites, load_model
+
+    sites = find_linear_sites(load_model(genai.decoder_file(tiny_genai("llama"))))
+    got = [(s.module, s.kind, s.k, s.o) for s in sites if s.layer == 0]
+    assert got == [
+        ("model.layers.0.self_attn.qkv_proj", "qkv", 64, 128),  # q 64 + k 32 + v 32 (2 KV heads)
+        ("model.layers.0.self_attn.o_proj", "o", 64, 64),
+        ("model.layers.0.mlp.gate_proj", "gate", 64, 128),
+        ("model.layers.0.mlp.up_proj", "up", 64, 128),
+        ("model.layers.0.mlp.down_proj", "down", 128, 64),
+    ]
+    assert sites[0].matmul == "/model/layers.0/attn/qkv_proj/MatMul"
+    assert (sites[-1].module, sites[-1].kind) == ("lm_head", "lm_head")
+    packed = find_linear_sites(load_model(genai.decoder_file(tiny_genai("llama", fuse_mlp_gate_up=True))))
+    assert [(s.module, s.kind, s.o) for s in packed if s.layer == 1 and s.kind.startswith("gate")] == [
+        ("model.layers.1.mlp.gate_up_proj", "gate_up", 256)]
+
+
+@needs_library
+@pytest.mark.parametrize("arch,recipe,extra", [
+    ("llama", "8:16-magnitude", {}),
+    ("llama", "8:16-median-shift", {"fuse_mlp_gate_up": True}),
+    ("qwen2", "8:16-median-shift", {}),
+    ("qwen2-bias", "8:16-median-shift", {}),  # the packed q/k/v bias Add stays behind the fused site
+])
+def test_transformed_genai_dir_generates_in_og_like_ort(tmp_path, arch, recipe, extra):
+    from nm_onnx.transform import transform
+
+    dense = tiny_genai(arch, **extra)
+    out = tmp_path / "sparse"
+    report = transform(dense, out, recipe)
+    assert report.passes.fused and len(report.passes.fused) == sum(1 for s in report.passes.sites
+                                                                   if s["action"] == "sparse")
+    cfg = json.loads((out / genai.CONFIG).read_text())
+    assert cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == "libnm_onnx_ops.so"
+    assert (out / "libnm_onnx_ops.so").is_file() and (out / "tokenizer.json").is_file()
+
+    dense_og, (dense_ort, dense_logits) = og_greedy(dense), ort_greedy(dense)
+    sparse_og, (sparse_ort, sparse_logits) = og_greedy(out), ort_greedy(out)
+    assert dense_og == dense_ort  # the harness: og and a plain session decode alike
+    assert sparse_og == sparse_ort  # og runs our kernels exactly like a plain ORT session does
+    assert np.abs(sparse_logits - dense_logits).max() > 1e-3  # the sites are really sparse
+    if arch == "qwen2-bias":
+        from nm_onnx.graph import find_linear_sites, load_model
+
+        qkv = [s for s in find_linear_sites(load_model(genai.decoder_file(dense))) if s.kind == "qkv"]
+        assert qkv and all(s.bias == f"model.layers.{s.layer}.attn.qkv_proj.Add.bias" for s in qkv)
+    print(f"{arch} {recipe}: dense {dense_og[:8]} sparse {sparse_og[:8]}")
+
+
+@needs_library
+def test_og_refuses_the_sparse_model_without_the_library(tmp_path):
+    """Control: without the library entry og cannot load the sparse model (so the test above used it)."""
+    from nm_onnx.transform import transform
+
+    out = tmp_path / "sparse"
+    transform(tiny_genai("llama"), out, "8:16-magnitude")
+    cfg = json.loads((out / genai.CONFIG).read_text())
+    del cfg["model"]["decoder"]["session_options"]["custom_ops_library"]
+    (out / genai.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="NMSparseMatMul"):
+        og.Model(str(out))
+
+
+def _exposed(directory, names):
+    """A plain ORT session (op library registered) on a directory's model with `names` as extra outputs."""
+    import onnxruntime as ort
+
+    from nm_onnx import ops
+
+    proto = onnx.load(str(genai.decoder_file(directory)))  # tiny: the weights are loaded
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    so = ort.SessionOptions()
+    ops.register_library(so)
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.nm_onnx_head_size = genai.head_size(directory)
+    return sess, proto
+
+
+@needs_library
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"fuse_mlp_gate_up": True}), ("qwen2-bias", {})])
+def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
+    """Every site's mask (unfused: the NMMask output) is the PyTorch reference's mask of the activation
+    it received, and a fused packed site's output is the reference sparse_linear on the packed weight."""
+    import torch
+
+    from nm_onnx.evaluation.feeds import make_feed
+    from nm_onnx.graph import find_linear_sites, load_model
+    from nm_onnx.passes.record import site_records
+    from nm_onnx.reference import functional as F
+    from nm_onnx.transform import transform
+
+    dense = tiny_genai(arch, **extra)
+    weights = {s.module: (s.weight, s.bias) for s in find_linear_sites(load_model(genai.decoder_file(dense)))}
+    window = np.random.default_rng(0).integers(3, 500, size=(1, 24))
+    for fuse in (False, True):
+        out = tmp_path / f"sparse-{fuse}"
+        transform(dense, out, "8:16-median-shift", fuse=fuse)
+        records = site_records(onnx.load(str(genai.decoder_file(out)), load_external_data=False))
+        packed = [r for r in records if r["kind"] in ("qkv", "gate_up")]
+        assert packed and all(r["fused"] == fuse for r in records)
+        by_name = {n.name: n for n in onnx.load(str(genai.decoder_file(out)), load_external_data=False).graph.node}
+        names, masks = [], {}
+        for r in records:
+            node = next(by_name[x] for x in r["nodes"] if by_name[x].op_type in ("NMMask", "NMSparseMatMul"))
+            masks[r["module"]] = node.output[0]
+            names += [r["input"], node.output[0], r["output"]]
+        sess, proto = _exposed(out, sorted(set(names)))
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, make_feed(sess, window))))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        for r in records:
+            x = torch.from_numpy(res[r["input"]])
+            xc = x - F.token_median(x)
+            ref_mask = (F.nm_mask(F.selection_scores(xc, "magnitude", None), 8, 16) & (xc != 0)).numpy()
+            if not fuse:
+                np.testing.assert_array_equal(res[masks[r["module"]]] != 0, ref_mask, err_msg=r["module"])
+            else:
+                weight, bias = weights[r["module"]]
+                w = torch.from_numpy(inits[weight].T.copy())
+                b = torch.from_numpy(inits[bias]) if bias else None
+                y = F.sparse_linear(x, w, b, n=8, m=16, shift="median").numpy()
+                got = res[r["output"]]
+                assert np.abs(got - y).max() <= 1e-5 * np.abs(y).max(), r["module"]
+        assert {r["kind"] for r in packed} == ({"qkv", "gate_up"} if extra else {"qkv"})
+
+
+def test_int4_builder_output_is_refused(tmp_path):
+    int4 = tiny_genai("llama", precision="int4")
+    r = run_cli("transform", int4, tmp_path / "out", "--recipe", "8:16-magnitude")
+    assert r.returncode == 2, r.stderr
+    (line,) = error_lines(r.stderr)
+    assert "int4 MatMulNBits sites are not supported yet" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_cli_genai_and_its_errors(tmp_path):
+    src = tiny_hf("llama")
+    r = run_cli("export", src, tmp_path / "g", "--format", "genai")
+    assert r.returncode == 0, r.stderr
+    assert "builder: Reading layer 1" in r.stderr and ".nm-onnx-partial" not in r.stderr
+    got = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert got == ["genai_config.json", "model.onnx", "model.onnx.data", "nm_onnx_export.json",
+                   "nm_onnx_manifest.json", "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((tmp_path / "g" / "nm_onnx_export.json").read_text())["precision"] == "fp32"
+    assert og_greedy(tmp_path / "g") == og_greedy(tiny_genai("llama"))  # the same builder, the same model
+    cases = [
+        (["--format", "genai", "--no-past"], {}, "--no-past and --opset apply to --format optimum only"),
+        (["--precision", "fp16"], {}, "--precision applies to --format genai only"),
+        (["--format", "genai"], {genai.BUILDER_ENV_VAR: str(tmp_path / "nope")}, "make genai-env"),
+    ]
+    for args, env, message in cases:
+        r = run_cli("export", src, tmp_path / "x", *args, env=env)
+        assert r.returncode == 2, r.stderr
+        (line,) = error_lines(r.stderr)
+        assert message in line
+    r = run_cli("export", src, tmp_path / "x", "--format", "genai", "--precision", "int4")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    # an existing folder of someone else's files is kept
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = run_cli("export", src, tmp_path / "mine", "--format", "genai")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@needs_library
+def test_genai_transform_cli_output_replaces_only_its_own(tmp_path):
+    dense = tiny_genai("llama")
+    r = run_cli("transform", dense, tmp_path / "s", "--recipe", "8:16-magnitude")
+    assert r.returncode == 0, r.stderr
+    assert "qkv" in r.stdout
+    r = run_cli("transform", dense, tmp_path / "s", "--recipe", "8:16-median-shift")
+    assert r.returncode == 0, r.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(dense, copy)
+    cfg = json.loads((copy / genai.CONFIG).read_text())
+    cfg["model"]["decoder"]["session_options"]["custom_ops_library"] = "libother.so"
+    (copy / genai.CONFIG).write_text(json.dumps(cfg))
+    r = run_cli("transform", copy, tmp_path / "t", "--recipe", "8:16-magnitude")
+    assert r.returncode == 2 and "libother.so" in r.stderr and not (tmp_path / "t").exists()
+    assert Path(tmp_path / "s" / "libnm_onnx_ops.so").is_file()
+
+
+def test_evaluate_genai_dir_equals_the_optimum_export():
+    """Perplexity of a GenAI directory through a plain ORT session (its own tokenizer files, written by
+    the builder's transformers 5) equals the optimum export's of the same model on the same windows."""
+    from models_cache import tiny_export
+
+    from nm_onnx.evaluate import evaluate
+
+    kw = {"seqlen": 48, "limit": 3, "threads": 1}
+    got = evaluate(tiny_genai("llama"), **kw)["perplexity"]
+    ref = evaluate(tiny_export("llama"), **kw)["perplexity"]
+    assert got["tokens"] == ref["tokens"] == 3 * 47
+    assert abs(got["perplexity"] / ref["perplexity"] - 1) < 1e-4, (got, ref)
+
+
+def test_calibrated_recipe_on_packed_sites_is_refused(tmp_path):
+    """Calibration constants are per Hugging Face projection; a packed site has none: one clear line."""
+    from nm_onnx.calibration.artifact import CalibrationArtifact
+    from nm_onnx.recipe import SparsityRecipe
+    from nm_onnx.transform import transform
+
+    recipe = SparsityRecipe.load("8:16-static-shift")
+    art = CalibrationArtifact(recipe, {"model.layers.0.self_attn.q_proj.static_shift": np.zeros(1, np.float32)})
+    with pytest.raises(NmOnnxError, match=r"packs projections into one site \('model.layers.0.self_attn.qkv_proj'"):
+        transform(tiny_genai("llama"), tmp_path / "out", recipe, calibration=art)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_library
+def test_bench_on_genai_dirs_and_its_context(tmp_path):
+    """`nm-onnx bench` times a GenAI pair in plain sessions; the context comes from genai_config.json."""
+    from nm_onnx.transform import transform
+
+    dense = tiny_genai("llama")
+    transform(dense, tmp_path / "s", "8:16-magnitude")
+    r = run_cli("bench", tmp_path / "s", "--baseline", dense, "--prompt", "16", "--decode", "4", "--repeats", "1",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["results"]) == {"model", "baseline"} and res["decode_speedup"] > 0
+    r = run_cli("bench", tmp_path / "s", "--prompt", "250", "--decode", "16")
+    assert r.returncode == 2
+    (line,) = error_lines(r.stderr)
+    assert "exceeds the model's context of 256 tokens" in line
+
+
+@pytest.mark.slow
+def test_smollm2_genai_export_og_tokenizer_and_generation(tmp_path):
+    """SmolLM2-135M: builder export, og.Tokenizer ids equal the Hugging Face tokenizer's (byte_fallback
+    dropped from the byte-level BPE), dense og continues "The capital of France is" with " Paris.", and
+    the 8:16-median-shift transform generates through og like a plain ORT session."""
+    from nm_onnx.evaluation.tokenizer import load_tokenizer
+    from nm_onnx.models import resolve_model
+    from nm_onnx.transform import transform
+
+    dense = tmp_path / "g"
+    r = run_cli("export", "smollm2-135m", dense, "--format", "genai")
+    assert r.returncode == 0, r.stderr
+    assert "without byte_fallback" in r.stderr
+    hf = load_tokenizer(resolve_model("smollm2-135m"))
+    text = "The capital of France is Paris.  Hello   world\n\n = Valkyria = café 日本語"
+    model = og.Model(str(dense))
+    tok = og.Tokenizer(model)
+    ids = [int(t) for t in tok.encode(text)]
+    assert ids == hf(text)["input_ids"] and tok.decode(ids) == text
+    prompt = hf("The capital of France is")["input_ids"]
+    del model
+    assert hf.decode(og_greedy(dense, prompt, 3)).startswith(" Paris.")
+    transform(dense, tmp_path / "s", "8:16-median-shift")
+    assert og_greedy(tmp_path / "s", prompt, 8) == ort_greedy(tmp_path / "s", prompt, 8)[0]
