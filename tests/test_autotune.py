@@ -169,3 +169,13 @@ def test_autotune_end_to_end_recipe_transforms_and_validates(tmp_path, capsys):
     assert main(argv) in (0, 1)
     err = capsys.readouterr().err
     assert "reusing the cached table" in err and "speed: timing" not in err and "8:16 uniform: cached" in err
+
+
+def test_check_pairs_are_seeded_and_spread_over_group_kinds():
+    from nm_onnx.autotune.sensitivity import _check_pairs
+
+    groups = {f"model.layers.{i}.{k}": [] for i in range(30) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    a = _check_pairs(groups, ["12:16", "8:16"], 8, 0)
+    assert a == _check_pairs(groups, ["12:16", "8:16"], 8, 0) and len(set(a)) == 8
+    assert {(g.rsplit(".", 1)[1], p) for g, p in a} == {(k, p) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")
+                                                        for p in ("12:16", "8:16")}

@@ -11,7 +11,8 @@ Fisher (second-order) estimate
 
 TEAL-style block-output errors, weighted by how much the loss cares about each direction.
 
-The check (what the report shows). For `check` (group, pattern) pairs drawn at random (seeded), the
+The check (what the report shows). For `check` (group, pattern) pairs drawn at random (seeded, spread
+over the group kinds and patterns), the
 true loss increase with only that group sparsified is measured exactly on the same windows (the
 blocks from l on run again from the cached h_l, then the final norm and lm_head). Their Spearman
 rank correlation with the proxy says how well the proxy orders groups; the median ratio
@@ -123,6 +124,26 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[0, :-1].double(), ids[1:], reduction="sum")
 
 
+def _check_pairs(groups, patterns, check: int, seed: int) -> list[tuple[str, str]]:
+    """`check` (group, pattern) pairs, seeded, spread over the group kinds (attn_in, ..., mlp_out) and
+    the patterns: strata in random order, one random pair from each in turn."""
+    rng = random.Random(seed)
+    strata: dict[tuple[str, str], list] = {}
+    for g in groups:
+        for p in patterns:
+            strata.setdefault((g.rsplit(".", 1)[-1], p), []).append((g, p))
+    pools = list(strata.values())
+    for pool in pools:
+        rng.shuffle(pool)
+    rng.shuffle(pools)
+    out = []
+    while len(out) < check and any(pools):
+        for pool in pools:
+            if pool and len(out) < check:
+                out.append(pool.pop())
+    return out
+
+
 def _probe(base: SparsityRecipe, modules: list[str], pattern: str) -> SparsityRecipe:
     return SparsityRecipe(name="autotune-probe", pattern=pattern, criterion=base.criterion, shift=base.shift,
                           variance_correction=base.variance_correction, targets=list(modules))
@@ -197,9 +218,7 @@ def measure_sensitivity(model: nn.Module, groups: dict[str, list[str]], candidat
                     table.data["proxy"].setdefault(g, {})[p] = 0.5 * s / tokens
             table.data["layers_done"].append(li)
             table.save()
-        pairs = [(g, p) for g in groups for p in patterns]
-        rng = random.Random(seed)
-        sample = rng.sample(pairs, min(check, len(pairs)))
+        sample = _check_pairs(groups, patterns, check, seed)
         sample = [(g, p) for g, p in sample if p not in table.data["true"].get(g, {})]
         for g, p in progress_bar(sample, "sensitivity check (exact)", progress, unit="pair"):
             li = layer_index(groups[g][0])
