@@ -179,3 +179,22 @@ def test_check_pairs_are_seeded_and_spread_over_group_kinds():
     assert a == _check_pairs(groups, ["12:16", "8:16"], 8, 0) and len(set(a)) == 8
     assert {(g.rsplit(".", 1)[1], p) for g, p in a} == {(k, p) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")
                                                         for p in ("12:16", "8:16")}
+
+
+def test_tighten_backs_off_until_the_verified_loss_fits():
+    from nm_onnx.autotune.allocate import tighten
+
+    options = _table(random.Random(3), groups=10)
+    budget = 0.1
+
+    def superadditive(alloc, i):  # groups interact: the real loss is 1.6x the summed prediction
+        return {"delta_nll": 1.6 * alloc.cost}
+
+    rounds, ok = tighten(options, budget, superadditive, max_rounds=5)
+    assert ok is not None and rounds[ok][2]["delta_nll"] <= budget and ok >= 1
+    bs = [b for b, _, _ in rounds]
+    assert bs[0] == budget and all(b2 <= 0.9 * b1 for b1, b2 in zip(bs, bs[1:]))
+    assert all(a.cost <= b + 1e-12 for b, a, _ in rounds)
+
+    rounds, ok = tighten(options, budget, lambda a, i: {"delta_nll": 1.0}, max_rounds=3)
+    assert ok is None and len(rounds) == 3

@@ -111,3 +111,32 @@ def to_recipe(choice: dict[str, str], groups: dict[str, list[str]], base, name: 
     return SparsityRecipe(name=name, pattern=main, criterion=base.criterion, shift=base.shift,
                           variance_correction=base.variance_correction, targets=list(base.targets),
                           exclude=list(base.exclude), overrides=overrides).validate()
+
+
+def shrink(allocation_budget: float, budget: float, verified: float) -> float:
+    """The next round's allocation budget after a verified loss over the budget: scaled by
+    budget / verified (the overshoot), and at least 10% smaller."""
+    return allocation_budget * min(0.9, budget / max(verified, 1e-12))
+
+
+def tighten(options: dict[str, list[Option]], budget: float, verify, max_rounds: int = 3):
+    """Allocate, verify, and shrink the allocation budget until the verified loss fits.
+
+    `verify(allocation, round) -> dict | None` measures an allocation end to end (a dict with
+    `delta_nll`) or returns None when it cannot be expressed (every group dense). Returns
+    (rounds, accepted): rounds = [(allocation budget, Allocation, verified dict)], accepted = the
+    index of the first round whose verified loss is within `budget`, or None.
+    """
+    rounds, b = [], budget
+    for i in range(max_rounds):
+        alloc = allocate(options, b)
+        if not alloc.sparse_groups():
+            break
+        v = verify(alloc, i)
+        if v is None:
+            break
+        rounds.append((b, alloc, v))
+        if v["delta_nll"] <= budget:
+            return rounds, len(rounds) - 1
+        b = shrink(b, budget, v["delta_nll"])
+    return rounds, None

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from nm_onnx.autotune.allocate import Option, allocate, to_recipe
+from nm_onnx.autotune.allocate import Option, tighten, to_recipe
 from nm_onnx.autotune.report import markdown, write_frontier
 from nm_onnx.autotune.spec import Budget, check_candidates, site_groups
 from nm_onnx.autotune.speed import SpeedTable
@@ -123,31 +123,27 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
                            exclude=list(base.exclude))
         uniform_points.append({**verifier.point(r, f"{u} uniform"), "kind": "uniform"})
 
-    rounds, accepted, b_alloc = [], None, budget.nll
-    for i in range(max_rounds):
-        alloc = allocate(options, b_alloc)
-        recipe = to_recipe(alloc.choice, groups, base, f"autotune-{str(budget).lstrip('+')}")
-        if recipe is None:
-            log(f"round {i}: the allocation budget {b_alloc:.4g} nats admits no sparse group")
-            break
+    name = f"autotune-{str(budget).lstrip('+')}"
+
+    def verify(alloc, i):
+        recipe = to_recipe(alloc.choice, groups, base, name)
         log(f"round {i}: {len(alloc.sparse_groups())}/{len(groups)} groups sparse, predicted Δnll "
-            f"{alloc.cost:.4f} of {b_alloc:.4f}, predicted saving {alloc.saved:.3f} ms/step")
+            f"{alloc.cost:.4f} of {alloc.budget:.4f}, predicted saving {alloc.saved:.3f} ms/step")
         pt = verifier.point(recipe, f"autotune {budget} r{i}", extra={"budget": str(budget)})
-        rounds.append({"allocation_budget": b_alloc, "predicted_nll": alloc.cost, "predicted_saved_ms": alloc.saved,
-                       "sparse_groups": len(alloc.sparse_groups()), "choice": alloc.choice, "verified": pt,
-                       "recipe": recipe.to_dict()})
         log(f"round {i}: verified perplexity {pt['perplexity']:.3f} ({100 * pt['relative_perplexity']:+.2f}% vs "
             f"budget {budget}), decode speedup {pt['decode_speedup']:.2f}x")
-        if pt["delta_nll"] <= budget.nll:
-            accepted = (recipe, alloc, pt)
-            break
-        b_alloc *= min(0.9, budget.nll / max(pt["delta_nll"], 1e-12))
-    if accepted is None and rounds:
-        best = rounds[-1]
-        chosen_recipe = SparsityRecipe.from_dict(best["recipe"])
-        alloc_choice, verified = best["choice"], best["verified"]
-    elif accepted is not None:
-        chosen_recipe, alloc_choice, verified = accepted[0], accepted[1].choice, accepted[2]
+        return {**pt, "recipe": recipe.to_dict()}
+
+    tried, ok = tighten(options, budget.nll, verify, max_rounds)
+    rounds = [{"allocation_budget": b, "predicted_nll": a.cost, "predicted_saved_ms": a.saved,
+               "sparse_groups": len(a.sparse_groups()), "choice": a.choice,
+               "verified": {k: x for k, x in v.items() if k != "recipe"}, "recipe": v["recipe"]}
+              for b, a, v in tried]
+    accepted = None if ok is None else rounds[ok]
+    if rounds:
+        chosen = accepted if accepted is not None else rounds[-1]  # else: the tightest one tried
+        chosen_recipe = SparsityRecipe.from_dict(chosen["recipe"])
+        alloc_choice, verified = chosen["choice"], chosen["verified"]
     else:
         fast = sum(1 for g in options for o in options[g] if o.saved > 0)
         why = ("no candidate saves decode time at any site on this machine (the sparse op is slower than "
