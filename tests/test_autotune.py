@@ -193,7 +193,7 @@ def test_tighten_backs_off_until_the_verified_loss_fits():
     rounds, ok = tighten(options, budget, superadditive, max_rounds=5)
     assert ok is not None and rounds[ok][2]["delta_nll"] <= budget and ok >= 1
     bs = [b for b, _, _ in rounds]
-    assert bs[0] == budget and all(b2 <= 0.9 * b1 for b1, b2 in zip(bs, bs[1:]))
+    assert bs[0] == budget and all(b2 <= 0.9 * b1 for b1, b2 in itertools.pairwise(bs))
     assert all(a.cost <= b + 1e-12 for b, a, _ in rounds)
 
     rounds, ok = tighten(options, budget, lambda a, i: {"delta_nll": 1.0}, max_rounds=3)

@@ -62,19 +62,19 @@ def markdown(report: dict) -> str:
     v = r.get("verified") or {}
     chk = r["sensitivity"]["check"]
     lines = [f"# nm-onnx autotune: {r['model']}", "",
-             f"Budget {r['budget']} perplexity over dense ({r['budget_nll']:.4f} nats/token); candidates "
-             f"{', '.join(r['candidates'])}; base recipe {r['base_recipe']}.", "",
+             (f"Budget {r['budget']} perplexity over dense ({r['budget_nll']:.4f} nats/token); candidates "
+             f"{', '.join(r['candidates'])}; base recipe {r['base_recipe']}."), "",
              f"Verdict: **{'within' if r['within_budget'] else 'NOT within'} budget**"
              + (f": perplexity {v['perplexity']:.3f} vs dense {r['dense']['perplexity']:.3f} "
                 f"({100 * v['relative_perplexity']:+.2f}%), decode speedup {_f(v.get('decode_speedup'), '{:.2f}x')}, "
                 f"{v.get('sparse_sites')} sparse sites" if v else ""), "",
-             f"Evaluation: {r['dense']['windows']} x {r['dense']['seqlen']} tokens of {r['eval_data']}; "
+             (f"Evaluation: {r['dense']['windows']} x {r['dense']['seqlen']} tokens of {r['eval_data']}; "
              f"sensitivity: {r['sensitivity']['windows']} x {r['sensitivity']['seqlen']} calibration tokens "
              f"({r['sensitivity']['data']}); bench: prompt {r['bench']['prompt']}, decode {r['bench']['decode']}, "
-             f"{r['bench']['repeats']} repeats; machine {r['machine']}.", "",
+             f"{r['bench']['repeats']} repeats; machine {r['machine']}."), "",
              "## Proxy check", "",
-             f"{chk['pairs']} (group, pattern) pairs measured exactly: Spearman rank correlation of proxy vs true "
-             f"loss increase {_f(chk['spearman'])}; scale true/proxy (median) {chk['scale']:.3g}.", "",
+             (f"{chk['pairs']} (group, pattern) pairs measured exactly: Spearman rank correlation of proxy vs true "
+             f"loss increase {_f(chk['spearman'])}; scale true/proxy (median) {chk['scale']:.3g}."), "",
              "## Rounds", "",
              markdown_table(["round", "allocation budget (nats)", "predicted Δnll", "verified Δnll", "perplexity",
                              "decode speedup", "sparse groups"],

@@ -170,7 +170,7 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
         "recipe": chosen_recipe.to_dict(), "verified": verified, "dense": dense, "uniform": uniform_points,
         "rounds": rounds, "groups": group_rows, "eval_data": eval_data, "machine": cpu_info(),
         "bench": {"prompt": prompt, "decode": decode, "repeats": repeats, "threads": threads},
-        "sensitivity": {"data": text.source, "windows": int(len(windows)), "seqlen": int(windows.shape[1]),
+        "sensitivity": {"data": text.source, "windows": len(windows), "seqlen": int(windows.shape[1]),
                         "dense_nll": table.data["dense_nll"], "check": summary,
                         "true": table.data["true"]},
     }

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from nm_onnx.autotune.spec import layer_index
 from nm_onnx.calibration.layerwise import capture_layer_inputs
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.progress import progress as progress_bar
 from nm_onnx.recipe import SparsityRecipe
 from nm_onnx.reference.modules import decoder_layers, sparsify_model, unsparsify_model
-from nm_onnx.autotune.spec import layer_index
 
 
 def spearman(a, b) -> float | None:

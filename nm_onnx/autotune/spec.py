@@ -44,7 +44,7 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     s = str(text).strip()
-    body = s[1:] if s.startswith("+") else s
+    body = s.removeprefix("+")
     try:
         value = float(body[:-1]) / 100 if body.endswith("%") else float(body)
     except ValueError:
