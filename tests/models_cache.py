@@ -120,3 +120,28 @@ def _raw_build(src: Path, out: Path, precision: str, extra_options: dict) -> Non
         subprocess.run(builder_command(builder_python(), src, tmp, tmp / ".cache", precision, extra_options),
                        check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
+
+
+def wide_export() -> Path:
+    """Export (KV cache) of a small random Llama with wide linears (hidden 768, MLP 2048, 2 layers), big
+    enough that NMSparseMatMul beats dense MatMul at T = 1 (the autotune end-to-end test needs sites
+    where sparsity saves time; at hidden 64 the op's fixed cost dominates)."""
+
+    def build_hf(out: Path) -> None:
+        import torch
+        import transformers as tf
+
+        from nm_onnx.io import atomic_dir
+        from nm_onnx.models import _tiny_tokenizer
+
+        cfg = tf.LlamaConfig(vocab_size=512, hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
+                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256,
+                             tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+        with atomic_dir(out, "hf-model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _tiny_tokenizer(cfg.vocab_size).save_pretrained(tmp)
+
+    hf = _locked_export("wide-llama-hf", build_hf, marker="config.json")
+    return _locked_export("wide-llama", lambda out: export(hf, out))

@@ -28,6 +28,8 @@ CORE = [
     "errors.py", "io.py", "genai.py", "method.py", "scoring.py", "recipe.py", "progress.py", "data.py", "runtime.py",
     "transform.py", "bench.py", "evaluate.py", "graph", "ops", "passes", "calibration/artifact.py", "evaluation/feeds.py", "evaluation/perplexity.py", "evaluation/latency.py",
     "evaluation/report.py", "evaluation/tokenizer.py", "evaluation/tasks.py",
+    "autotune/__init__.py", "autotune/spec.py", "autotune/speed.py", "autotune/allocate.py", "autotune/verify.py",
+    "autotune/report.py",
 ]
 FORBIDDEN = ("torch", "nm_onnx.reference", "nm_onnx.calibration.layerwise", "nm_onnx.validate",
              "nm_onnx.commands", "nm_onnx.cli", "optimum")
