@@ -46,7 +46,7 @@ def local(tmp_path_factory):
 
 
 def test_local_sweep_table(local):
-    spec, out, rep = local
+    _, out, rep = local
     assert [(m, r) for m, r, _, _ in _rows(rep)] == [(m, r) for m in ("llama", "qwen2")
                                                      for r in ("dense", "8:16-magnitude", "2:4-magnitude", "bad")]
     for row in rep["rows"]:
