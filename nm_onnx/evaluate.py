@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 def evaluate(model, ppl="wikitext2", seqlen=512, limit=None, tasks=None, tokenizer=None, threads=None,
-             bos="auto") -> dict:
+             bos="auto", batch_size=1) -> dict:
     """The result dict of `nm-onnx evaluate` (perplexity and/or tasks)."""
     from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
     from nm_onnx.errors import NmOnnxError
@@ -45,5 +45,6 @@ def evaluate(model, ppl="wikitext2", seqlen=512, limit=None, tasks=None, tokeniz
     if task_names:
         from nm_onnx.evaluation.lm_eval_adapter import evaluate_tasks
 
-        out["tasks"] = evaluate_tasks(model, task_names, limit=limit, tokenizer=tok, session=sess, bos=bos)
+        out["tasks"] = evaluate_tasks(model, task_names, limit=limit, tokenizer=tok, session=sess, bos=bos,
+                                       batch_size=batch_size)
     return out

@@ -28,6 +28,8 @@ def add_arguments(p):
     p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
                    help="begin every window with the BOS token: auto (as the tokenizer does), always, never")
     p.add_argument("--threads", type=positive, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--batch-size", type=positive, default=1,
+                   help="zero-shot requests per ORT call (default 1; a clact model always uses 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--out", default=None, help="also write results.json and results.md into this directory")
     add_overwrite(p)
@@ -44,7 +46,7 @@ def run(args) -> int:
     from nm_onnx.evaluate import evaluate
 
     res = evaluate(args.model, args.ppl, args.seqlen, args.limit, args.tasks, args.tokenizer, args.threads,
-                   args.bos)
+                   args.bos, args.batch_size)
     md = evaluation_markdown(res)
     if args.out:
         with atomic_dir(args.out, "evaluation", args.overwrite, inputs=[args.model]) as tmp:

@@ -6,10 +6,19 @@ there), so any entry point that imports it can use `--model nm-onnx --model_args
 `nm-onnx evaluate MODEL --tasks arc_easy,piqa`, or `lm_eval.simple_evaluate(model="nm-onnx", ...)`
 after `import nm_onnx.evaluation.lm_eval_adapter`.
 
-One ORT forward per request (batch 1), so that masks never depend on padding or batch composition.
+Batching (model arg `batch_size`, default 1): loglikelihood requests are sorted by length (longest
+first, as lm-eval's hf model does), cut into batches and right-padded; the attention mask stays all
+ones, so causal attention keeps every real token from seeing the pads behind it (lm-eval's hf model
+passes no mask either) and the real rows' logits are those of batch 1. The per-token masks of the
+magnitude, Amber and Wanda criteria depend on the token's own row only, so a sparse model of those
+gives the same log-likelihoods batched (tests/test_lm_eval_batch.py: within 1e-4, same accuracies).
+A clact site ranks by column norms over *all* tokens of the call (pads and other rows included),
+so a model with any criterion outside those three (read from the site records in the model's
+metadata) is scored at batch 1, and the adapter says so on stderr. Rolling windows and generation
+stay at batch 1.
 Model args: path (an .onnx file or export directory), tokenizer (default: the model's directory),
 threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048),
-bos (auto | always | never; lm-eval's `add_bos_token=True/False` is accepted too).
+bos (auto | always | never; lm-eval's `add_bos_token=True/False` is accepted too), batch_size.
 
 Tokenization follows lm-eval's own `hf` model exactly (so log-likelihoods match it): with bos=auto a
 request is encoded with the tokenizer's default special tokens (the BOS of Gemma / Llama
@@ -21,6 +30,7 @@ from __future__ import annotations  # noqa: I001 - nm_onnx.models must be import
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +51,7 @@ class NmOnnxLM(TemplateLM):
     """An lm-eval LM over an (optionally N:M-sparse) ONNX causal LM run by ONNX Runtime."""
 
     def __init__(self, path=None, tokenizer=None, threads=None, max_length=None, session=None, bos="auto",
-                 add_bos_token=None, **_ignored):
+                 add_bos_token=None, batch_size=1, **_ignored):
         super().__init__()
         from nm_onnx.data import BOS_CHOICES
         from nm_onnx.runtime import make_session, session_dir
@@ -66,6 +76,13 @@ class NmOnnxLM(TemplateLM):
         if "logits" not in self._outputs:
             raise NmOnnxError("the ONNX model has no 'logits' output; export a causal LM with `nm-onnx export`")
         self._max_length = int(max_length) if max_length else _config_max_length(path)
+        self.batch_size = _batch_size(batch_size)
+        self.batch_blocker = batch_dependent_criteria(session)
+        if self.batch_size > 1 and self.batch_blocker:
+            print(f"nm-onnx: the model's {'/'.join(self.batch_blocker)} sites rank by statistics over every "
+                  f"token of a call, so padding and other rows would change its masks: scoring at batch 1 "
+                  f"(batch_size={self.batch_size} ignored)", file=sys.stderr)
+            self.batch_size = 1
 
     # ---------------------------------------------------------------- basics
     @property
@@ -105,24 +122,46 @@ class NmOnnxLM(TemplateLM):
         logits = self.session.run(["logits"], make_feed(self.session, arr))[0][0]
         return log_softmax(logits)
 
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each (context, continuation) pair, in one right-padded forward."""
+        rows = []
+        for context, continuation in pairs:
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            rows.append((whole[:-1], whole[-len(continuation):]))
+        width = max(len(inp) for inp, _ in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)  # pad id 0 behind each row, as lm-eval's hf model
+        for r, (inp, _) in enumerate(rows):
+            ids[r, :len(inp)] = inp
+        logits = self.session.run(["logits"], make_feed(self.session, ids))[0]
+        out = []
+        for r, (inp, tgt) in enumerate(rows):
+            n = len(tgt)
+            lp = log_softmax(logits[r, len(inp) - n:len(inp)])  # the continuation's positions only
+            tgt = np.asarray(tgt)
+            out.append((float(lp[np.arange(n), tgt].sum()), bool((lp.argmax(-1) == tgt).all())))
+        return out
+
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        whole = (context + continuation)[-(self.max_length + 1):]
-        inp = whole[:-1]
-        n = len(continuation)
-        lp = self._logprobs(inp)[-n:]
-        tgt = np.asarray(whole[-n:])
-        logprob = float(lp[np.arange(n), tgt].sum())
-        greedy = bool((lp.argmax(-1) == tgt).all())
-        return logprob, greedy
+        return self._score_batch([(context, continuation)])[0]
 
     # ---------------------------------------------------------------- lm-eval API
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        out = []
-        for (pair, ctx, cont) in progress(requests, "loglikelihood (ORT)", not disable_tqdm):
-            res = self._score(list(ctx), list(cont))
-            if self.cache_hook is not None:
-                self.cache_hook.add_partial("loglikelihood", pair, res)
-            out.append(res)
+        requests = list(requests)
+        # longest first (lm-eval hf's order): a batch's first row sets its width, padding stays small
+        order = sorted(range(len(requests)),
+                       key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), tuple(requests[i][1] + requests[i][2])))
+        bs = self.batch_size
+        chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
+        out: list = [None] * len(requests)
+        desc = "loglikelihood (ORT)" + (f", batch {bs}" if bs > 1 else "")
+        bar = progress(chunks, desc, not disable_tqdm, unit="batch")
+        for chunk in bar:
+            scores = self._score_batch([(list(requests[i][1]), list(requests[i][2])) for i in chunk])
+            for i, res in zip(chunk, scores):
+                if self.cache_hook is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], res)
+                out[i] = res
+        bar.close()
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -180,6 +219,36 @@ class NmOnnxLM(TemplateLM):
         return self.tok_decode(new)
 
 
+def _batch_size(value) -> int:
+    """The model arg batch_size (lm-eval passes ints or strings; 'auto' is not supported)."""
+    try:
+        v = int(value if value is not None else 1)
+    except (TypeError, ValueError):
+        raise NmOnnxError(f"model arg batch_size={value!r}: give a positive integer (e.g. batch_size=16)") from None
+    if v < 1:
+        raise NmOnnxError(f"model arg batch_size={v}: give a positive integer (e.g. batch_size=16)")
+    return v
+
+
+BATCH_SAFE_CRITERIA = ("magnitude", "amber", "wanda")  # a token's mask depends on its own row only
+
+
+def batch_dependent_criteria(session) -> list[str]:
+    """Criteria of the model's sparse sites whose masks depend on the whole call (e.g. clact); [] if none."""
+    from nm_onnx.passes.record import SITES_KEY
+
+    try:
+        raw = session.get_modelmeta().custom_metadata_map.get(SITES_KEY)
+    except Exception:  # noqa: BLE001 - a session double without metadata: dense
+        return []
+    try:
+        records = json.loads(raw) if raw else []
+    except ValueError:
+        return ["unknown (unreadable site records)"]
+    found = {str(r.get("criterion", "magnitude")) for r in records if isinstance(r, dict)}
+    return sorted(found - set(BATCH_SAFE_CRITERIA))
+
+
 def _config_max_length(path) -> int:
     if path is not None:
         p = Path(path)
@@ -194,14 +263,16 @@ def _config_max_length(path) -> int:
     return 2048
 
 
-def evaluate_tasks(model_path, tasks, limit=None, threads=None, tokenizer=None, session=None, bos="auto") -> dict:
+def evaluate_tasks(model_path, tasks, limit=None, threads=None, tokenizer=None, session=None, bos="auto",
+                   batch_size=1) -> dict:
     """Zero-shot accuracy of MODEL on offline tasks: {task: {metric: value}} (lm-eval, 0-shot)."""
     import lm_eval
 
     from nm_onnx.evaluation.tasks import parse_tasks, task_manager
 
     names = parse_tasks(tasks)
-    lm = NmOnnxLM(path=model_path, tokenizer=tokenizer, threads=threads, session=session, bos=bos)
+    lm = NmOnnxLM(path=model_path, tokenizer=tokenizer, threads=threads, session=session, bos=bos,
+                  batch_size=batch_size)
     res = lm_eval.simple_evaluate(
         model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=task_manager(names),
         bootstrap_iters=0, log_samples=False,
