@@ -300,6 +300,19 @@ def write_manifest(directory: str | os.PathLike, kind: str, extra: dict | None =
 
 
 @contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path):
+    """Remove the staging `tmp` when the block fails (interrupts included); an OSError is named on `final`."""
+    try:
+        yield
+    except OSError as e:
+        _remove(tmp)
+        raise os_error(e, final) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, kind: str, overwrite: bool = False, inputs=(), manifest: dict | None = None):
     """Yield a staging directory; when the block succeeds, write the manifest and rename it to `final`.
 
@@ -310,7 +323,7 @@ def atomic_dir(final: str | os.PathLike, kind: str, overwrite: bool = False, inp
     if check_output_dir(final, kind, inputs, overwrite):
         print(f"nm-onnx: replacing the earlier {kind} output '{final}'", file=sys.stderr)
     tmp = staging_dir(final.parent, final.name)
-    try:
+    with _removed_on_failure(tmp, final):
         yield tmp
         write_manifest(tmp, kind, manifest)
         if final.exists():
@@ -320,12 +333,6 @@ def atomic_dir(final: str | os.PathLike, kind: str, overwrite: bool = False, inp
             _remove(old)
         else:
             _renamed(tmp, final)
-    except OSError as e:
-        _remove(tmp)
-        raise os_error(e, final) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -342,15 +349,9 @@ def atomic_path(final: str | os.PathLike):
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
         raise os_error(e, final.parent) from None
-    try:
+    with _removed_on_failure(tmp, final):
         yield tmp
         _renamed(tmp, final)
-    except OSError as e:
-        _remove(tmp)
-        raise os_error(e, final) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
