@@ -108,8 +108,9 @@ def test_groups_and_the_recipe_they_give():
 ])
 def test_argument_errors_are_one_line_exit_2_before_any_work(tmp_path, capsys, args, fragment):
     out = tmp_path / "out"
+    hf, exp = tiny_hf("llama"), tiny_export("llama")  # built (and their progress printed) before the capture
     capsys.readouterr()
-    rc = main(["autotune", str(tiny_hf("llama")), "--export", str(tiny_export("llama")), "--out", str(out), *args])
+    rc = main(["autotune", str(hf), "--export", str(exp), "--out", str(out), *args])
     err = error_lines(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1 and fragment in err[0], err
     assert not out.exists() and not (tmp_path / ".out.autotune-state").exists()
