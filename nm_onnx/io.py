@@ -154,6 +154,24 @@ def check_output_dir(out: str | os.PathLike, kind: str, inputs=(), overwrite: bo
     return replacing
 
 
+def check_work_dir(work: str | os.PathLike, inputs=(), kind: str = "autotune-work",
+                   option: str = "--work-dir") -> None:
+    """Check a resumable state directory: new, empty, or one nm-onnx marked as `kind` (its files grow as
+    the work goes on, so the manifest's kind is what counts). Never a folder of the user's."""
+    work = Path(work)
+    check_output_dir(work, kind, inputs, overwrite=True, option=option)  # inputs, not-a-dir, parent faults
+    if work.is_dir() and any(work.iterdir()) and (read_manifest(work) or {}).get("kind") != kind:
+        raise NmOnnxError(f"{option} directory '{work}' holds files nm-onnx did not write; give an empty "
+                          f"folder or the {option} of an earlier run to resume it")
+
+
+def mark_work_dir(work: str | os.PathLike, kind: str = "autotune-work") -> None:
+    """Create the state directory `check_work_dir` accepts on the next run."""
+    Path(work).mkdir(parents=True, exist_ok=True)
+    if read_manifest(work) is None:
+        write_manifest(work, kind)
+
+
 def check_output_file(out: str | os.PathLike, inputs=(), overwrite: bool = False, ours=None,
                       option: str = "output", companions=()) -> bool:
     """Check a file output before the slow work; True when an earlier output will be replaced.

@@ -132,6 +132,21 @@ def test_output_rules_are_those_of_every_command(tmp_path, capsys):
 
 
 @needs_library
+def test_a_work_dir_of_the_users_is_refused_and_kept(tmp_path, capsys):
+    hf, exp = tiny_hf("llama"), tiny_export("llama")
+    work = tmp_path / "mine"
+    (work / "verify-model").mkdir(parents=True)  # a name autotune would clear inside its own work dir
+    (work / "verify-model" / "notes.txt").write_text("user data")
+    capsys.readouterr()
+    rc = main(["autotune", str(hf), "--export", str(exp), "--out", str(tmp_path / "out"), "--budget", "5%",
+               "--work-dir", str(work)])
+    err = error_lines(capsys.readouterr().err)
+    assert rc == 2 and len(err) == 1 and "--work-dir directory" in err[0] and "did not write" in err[0], err
+    assert (work / "verify-model" / "notes.txt").read_text() == "user data"
+    assert not (tmp_path / "out").exists()
+
+
+@needs_library
 @pytest.mark.slow
 def test_autotune_end_to_end_recipe_transforms_and_validates(tmp_path, capsys):
     """A real run (small wide random Llama, so the sparse op saves time): outputs, budget verdict, the

@@ -74,11 +74,11 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
     from nm_onnx.autotune.sensitivity import SensitivityTable, measure_sensitivity
     from nm_onnx.data import bos_id, calibration_windows, load_calibration_text, tokenize
     from nm_onnx.evaluation.latency import cpu_info
-    from nm_onnx.io import atomic_dir
+    from nm_onnx.io import atomic_dir, mark_work_dir
     from nm_onnx.models import load_hf_model, resolve_model
 
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    mark_work_dir(work)
     sites, groups = export_sites(export_dir, base, candidates)
     log(f"{len(sites)} sites in {len(groups)} groups; candidates {', '.join(candidates)}; budget {budget}")
 

@@ -55,7 +55,7 @@ def add_arguments(p):
 def run(args) -> int:
     from nm_onnx.autotune.spec import parse_budget, parse_candidates
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.io import check_output_dir
+    from nm_onnx.io import check_output_dir, check_work_dir, mark_work_dir
     from nm_onnx.models import check_model_source
     from nm_onnx.recipe import SparsityRecipe, parse_pattern
 
@@ -77,8 +77,7 @@ def run(args) -> int:
              if x is not None and Path(str(x)).exists()]
     check_output_dir(out, "autotune", given, args.overwrite, option="--out")
     work = Path(args.work_dir) if args.work_dir else out.parent / f".{out.name}.autotune-state"
-    if args.work_dir:
-        check_output_dir(work, "autotune-work", given + [out], overwrite=True, option="--work-dir")
+    check_work_dir(work, given + [out])
     export_dir = args.export
     if export_dir is not None:
         from nm_onnx.graph.load import model_file
@@ -88,6 +87,7 @@ def run(args) -> int:
     else:
         from nm_onnx.export import export
 
+        mark_work_dir(work)  # before the first file lands in it, so a killed run can resume
         export_dir = work / "export"
         if not (export_dir / "model.onnx").is_file():
             export(args.model, export_dir)

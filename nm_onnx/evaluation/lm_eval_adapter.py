@@ -237,10 +237,7 @@ def batch_dependent_criteria(session) -> list[str]:
     """Criteria of the model's sparse sites whose masks depend on the whole call (e.g. clact); [] if none."""
     from nm_onnx.passes.record import SITES_KEY
 
-    try:
-        raw = session.get_modelmeta().custom_metadata_map.get(SITES_KEY)
-    except Exception:  # noqa: BLE001 - a session double without metadata: dense
-        return []
+    raw = session.get_modelmeta().custom_metadata_map.get(SITES_KEY)
     try:
         records = json.loads(raw) if raw else []
     except ValueError:
