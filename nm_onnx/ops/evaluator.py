@@ -11,7 +11,7 @@ from __future__ import annotations
 from onnx.reference.op_run import OpRun
 
 from nm_onnx.ops import reference as ref
-from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, SCHEMAS, TOKEN_SHIFT
+from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, NM_SPARSE_MATMUL_NBITS, SCHEMAS, TOKEN_SHIFT
 
 # The numpy reference of each op, called with the table's input and attribute names.
 _REFERENCE = {
@@ -19,6 +19,11 @@ _REFERENCE = {
     NM_MASK: lambda X, channel_scale, n, m, criterion: (ref.nm_mask(X, n, m, criterion, channel_scale),),
     NM_SPARSE_MATMUL: lambda X, B, channel_scale, shift_bias, bias, n, m, shift, variance_correction: (
         ref.nm_sparse_matmul(X, B, n, m, shift, variance_correction, channel_scale, shift_bias, bias),
+    ),
+    NM_SPARSE_MATMUL_NBITS: lambda X, B, scales, zero_points, channel_scale, shift_bias, bias, **attrs: (
+        ref.nm_sparse_matmul_nbits(
+            X, B, scales, zero_points, channel_scale=channel_scale, shift_bias=shift_bias, bias=bias, **attrs
+        ),
     ),
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nm_onnx.ops.schemas import DOMAIN, OPSET_VERSION
+from nm_onnx.ops.schemas import DOMAIN, OPSET_VERSION, SCHEMAS
 
 DEFAULT_OPSET = 18
 IR_VERSION = 10  # onnxruntime 1.21 reads IR <= 10
@@ -26,13 +26,18 @@ def op_model(
     functions: bool = False,
     **attrs,
 ) -> onnx.ModelProto:
-    """One `op_type` node; "" in `inputs` marks an omitted optional input."""
+    """One `op_type` node; "" in `inputs` marks an omitted optional input.
+
+    Inputs are typed `dtype`, except those the op table gives a fixed type (e.g. a quantized weight).
+    """
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    specs = SCHEMAS[op_type].inputs if op_type in SCHEMAS else ()
+    fixed = [spec.dtype for spec in specs] + [None] * max(0, len(inputs) - len(specs))
     node = helper.make_node(op_type, inputs, outputs, domain=DOMAIN, name=f"{op_type}_0", **attrs)
     graph = helper.make_graph(
         [node],
         f"{op_type}_model",
-        [helper.make_tensor_value_info(name, elem, None) for name in inputs if name],
+        [helper.make_tensor_value_info(name, t or elem, None) for name, t in zip(inputs, fixed) if name],
         [helper.make_tensor_value_info(name, elem, None) for name in outputs],
     )
     imports = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OPSET_VERSION)]

@@ -1,6 +1,6 @@
 """Numpy reference semantics of the nm_onnx ops (the oracle every other implementation is tested against).
 
-One definition of TokenShift, NMMask and NMSparseMatMul (METHOD.md, docs/ops.md), written for clarity:
+One definition of TokenShift, NMMask, NMSparseMatMul and NMSparseMatMulNBits (METHOD.md, docs/ops.md), written for clarity:
 the C++/CUDA kernels, the standard-ONNX function bodies and the PyTorch reference must agree with it,
 bit for bit on keep masks. float16 inputs are computed in float32 and rounded back, like the CPU kernels.
 
@@ -28,6 +28,7 @@ from nm_onnx.ops.schemas import (
     DTYPES,
     NM_MASK,
     NM_SPARSE_MATMUL,
+    NM_SPARSE_MATMUL_NBITS,
     SCHEMAS,
     TOKEN_SHIFT,
     cast_hint,
@@ -234,11 +235,16 @@ def nm_sparse_matmul(
     if b.dtype != x.dtype:
         raise NmOnnxError(f"{op}: input B has dtype {b.dtype} but X has {x.dtype}; cast B to {x.dtype}")
     check_pattern(op, n, m, k)
-    o = b.shape[1]
+    return _sparse_product(op, x, b, n, m, shift, variance_correction, channel_scale, shift_bias, bias)
+
+
+def _sparse_product(op, x, w, n, m, shift, variance_correction, channel_scale, shift_bias, bias):
+    """NMSparseMatMul's formula for X (checked) and the weight W [K, O] (any float dtype)."""
+    k, o = x.shape[-1], w.shape[1]
     cs = check_vector(op, "channel_scale", channel_scale, k)
     sb = check_vector(op, "shift_bias", shift_bias, o)
     bi = check_vector(op, "bias", bias, o)
-
+    b = w
     x2 = _rows(x)
     eta, keep, xh, v = _sparse_matmul_parts(x2, n, m, shift, variance_correction, cs)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -251,6 +257,41 @@ def nm_sparse_matmul(
             z = z + bi
     with np.errstate(over="ignore"):
         return z.reshape(x.shape[:-1] + (o,)).astype(x.dtype)
+
+
+def nm_sparse_matmul_nbits(
+    x,
+    b,
+    scales,
+    zero_points=None,
+    n: int = 0,
+    m: int = 1,
+    bits: int = 4,
+    block_size: int = 32,
+    shift: str = "none",
+    variance_correction: int = 0,
+    channel_scale=None,
+    shift_bias=None,
+    bias=None,
+) -> np.ndarray:
+    """NMSparseMatMulNBits: NMSparseMatMul with B = the dequantized K-major weight (nm_onnx.ops.nbits).
+
+    W[k, o] = (q[k, o] - zp[k // block_size, o]) * scales[k // block_size, o] in float32.
+    """
+    from nm_onnx.ops import nbits
+
+    op = NM_SPARSE_MATMUL_NBITS
+    x = check_input(op, "X", x)
+    shift = check_attribute(op, "shift", shift)
+    variance_correction = check_attribute(op, "variance_correction", int(variance_correction))
+    bits = nbits.check_bits(op, check_attribute(op, "bits", int(bits)))
+    block_size = nbits.check_block_size(op, block_size)
+    k = x.shape[-1]
+    check_pattern(op, n, m, k)
+    o = nbits.check_kmajor(op, b, scales, zero_points, k, bits, block_size)
+    w = nbits.KMajor(np.asarray(b), np.asarray(scales), None if zero_points is None else np.asarray(zero_points),
+                     k, o, bits, block_size).dequantize()
+    return _sparse_product(op, x, w, n, m, shift, variance_correction, channel_scale, shift_bias, bias)
 
 
 def sparse_matmul_parts(x2, n, m, shift="none", variance_correction=0, channel_scale=None):

@@ -22,8 +22,10 @@ OPSET_VERSION = 1
 TOKEN_SHIFT = "TokenShift"
 NM_MASK = "NMMask"
 NM_SPARSE_MATMUL = "NMSparseMatMul"
+NM_SPARSE_MATMUL_NBITS = "NMSparseMatMulNBits"
 
-# Element types of the kernels per execution provider (all inputs and outputs of a node share one).
+# Element types of the kernels per execution provider (all inputs and outputs of a node share one,
+# except inputs with a fixed `Input.dtype`: the quantized weight, its zero points and scales).
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DTYPES = {
@@ -52,6 +54,7 @@ class Input:
     name: str
     optional: bool = False
     what: str = ""  # for the optional 1-D vectors: what one entry is (used in shape messages)
+    dtype: int | None = None  # a fixed element type (TensorProto enum); None: the node's type
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,27 @@ SCHEMAS = {
             attributes=(
                 _N,
                 _M,
+                Attribute("shift", "string", "none", ("none", "median", "mean")),
+                Attribute("variance_correction", "int", 0, (0, 1)),
+            ),
+        ),
+        OpSchema(
+            NM_SPARSE_MATMUL_NBITS,
+            inputs=(
+                Input("X"),
+                Input("B", dtype=TensorProto.UINT8),
+                Input("scales", dtype=TensorProto.FLOAT),
+                Input("zero_points", optional=True, dtype=TensorProto.UINT8),
+                _CHANNEL_SCALE,
+                Input("shift_bias", optional=True, what="column sums of the dequantized weight, one per output"),
+                Input("bias", optional=True, what="one per output"),
+            ),
+            outputs=("Y",),
+            attributes=(
+                _N,
+                _M,
+                Attribute("bits", "int", 4, (4, 8)),
+                Attribute("block_size", "int", example="e.g. block_size=32, the MatMulNBits block along K"),
                 Attribute("shift", "string", "none", ("none", "median", "mean")),
                 Attribute("variance_correction", "int", 0, (0, 1)),
             ),
