@@ -15,7 +15,10 @@ struct Avx2 {
   static constexpr int L = 8, NP = 4;
   typedef float vf __attribute__((vector_size(32)));
   typedef int32_t vi __attribute__((vector_size(32)));
-  typedef uint8_t vb __attribute__((vector_size(8)));
+  NM_NBITS_TARGET static vf set1(float a) { return reinterpret_cast<vf>(_mm256_set1_ps(a)); }
+  NM_NBITS_TARGET static vi load_bytes(const uint8_t* p) {
+    return reinterpret_cast<vi>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   NM_NBITS_TARGET static vf fma(vf a, vf b, vf c) {
     return reinterpret_cast<vf>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
                                                 reinterpret_cast<__m256>(c)));

@@ -20,7 +20,10 @@ struct Avx512 {
   static constexpr int L = 16, NP = 4;
   typedef float vf __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
-  typedef uint8_t vb __attribute__((vector_size(16)));
+  NM_NBITS_TARGET static vf set1(float a) { return reinterpret_cast<vf>(_mm512_set1_ps(a)); }
+  NM_NBITS_TARGET static vi load_bytes(const uint8_t* p) {
+    return reinterpret_cast<vi>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   NM_NBITS_TARGET static vf fma(vf a, vf b, vf c) {
     return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
                                                 reinterpret_cast<__m512>(c)));

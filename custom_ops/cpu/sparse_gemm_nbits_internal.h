@@ -10,16 +10,27 @@
 namespace nm_onnx {
 namespace detail {
 
-// One column chunk [o0, o1) of Y for tokens [t0, t1): Y zeroed there, then every K block's kept rows added.
-// o0 is a multiple of 128 (a whole number of bytes and vector pieces in every layout).
+// One column chunk [o0, o1) of Y [T, O] for tokens [t0, t1) and K blocks [blk0, blk1): Y zeroed there, then
+// those blocks' kept rows added. o0 is a multiple of 128 (a whole number of bytes and vector pieces in every
+// layout).
 struct NBitsBlock {
   const float* X;
   const int32_t* idx;
   const NBitsWeight* W;
   float* Y;
   int64_t kept;
-  int64_t t0, t1, o0, o1;
+  int64_t t0, t1, o0, o1, blk0, blk1;
 };
+
+// The first j with id[j] >= k (id ascending, kept entries).
+inline int64_t first_at_or_after(const int32_t* id, int64_t kept, int64_t k) {
+  int64_t lo = 0, hi = kept;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (id[mid] < k) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
 
 void sparse_gemm_nbits_chunk_scalar(const NBitsBlock& g);
 void sparse_gemm_nbits_chunk_avx2(const NBitsBlock& g);

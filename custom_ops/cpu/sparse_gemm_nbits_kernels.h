@@ -3,7 +3,8 @@
 // Included by sparse_gemm_nbits_avx2.cc and sparse_gemm_nbits_avx512.cc, each after defining
 //   NM_NBITS_TARGET  the function target attribute of its ISA, and
 //   a traits type V (same unnamed namespace): L (float lanes), NP (vector pieces per register tile), the
-//   GCC vector types vf (L floats), vi (L int32), vb (L uint8), and fma(a, b, c) = a * b + c fused (the
+//   GCC vector types vf (L floats), vi (L int32), load_bytes(p) (L bytes zero-extended to int32: one vpmovzxbd;
+//   GCC's __builtin_convertvector of a byte vector compiles to scalar inserts), fma(a, b, c) = a * b + c fused (the
 //   library is built with -ffp-contract=off, so a * b + c would round twice), zip_lo / zip_hi (interleave
 //   the first / second halves of two vectors: even and odd columns back into column order).
 // Everything lies in an unnamed namespace (one copy per ISA file, no standard-library templates).
@@ -15,7 +16,8 @@
 // and 2^23 + zp subtracted. A 4-bit piece is L bytes: the low nibbles are the even columns, the high nibbles
 // the odd ones, kept in separate accumulators and interleaved once per block. Every product is a kept x
 // times the exact q - zp, so an inf or NaN in x propagates as in the reference's x * ((q - zp) * scale).
-// Loop order: K block, token, column tile (wide chunks: each kept row is read as one long contiguous run).
+// Loop order: K block, token, column tile (wide chunks: each kept row is read as one long contiguous run;
+// the driver splits K, not the columns, between threads when O is narrow).
 #pragma once
 #include <cstdint>
 
@@ -34,9 +36,7 @@ constexpr float kMagicF = 8388608.0f;
 
 template <class V>
 NM_NBITS_TARGET inline typename V::vi load_bytes(const uint8_t* p) {
-  typename V::vb b;
-  __builtin_memcpy(&b, p, sizeof b);
-  return __builtin_convertvector(b, typename V::vi);
+  return V::load_bytes(p);
 }
 
 template <class V>
@@ -58,9 +58,12 @@ NM_NBITS_TARGET inline void storef(float* p, typename V::vf v) {
 
 // One register tile of NP pieces starting at column c (4-bit: 2L columns per piece, 8-bit: L) for kept
 // entries [j0, j1) of one token in K block `blk`: y[c ..) += scale * sum x * (q - zp).
+// The same columns of the token's kept rows in the next K block (id[j + (j1 - j0)], j < jend) are prefetched
+// one block ahead: the tile reads one cache line of each of ~16 rows, too short a run for the hardware
+// prefetchers when rows are a few KiB apart.
 template <class V, int BITS, int NP>
 NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int32_t* id, int64_t j0, int64_t j1,
-                                 int64_t blk, float* y, int64_t c) {
+                                 int64_t jend, int64_t blk, float* y, int64_t c) {
   using vf = typename V::vf;
   using vi = typename V::vi;
   constexpr int L = V::L;
@@ -82,14 +85,16 @@ NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int
     }
   } else {
 #pragma GCC unroll 16
-    for (int a = 0; a < NA; ++a) zpv[a] = vf{} + (kMagicF + static_cast<float>(1 << (BITS - 1)));
+    for (int a = 0; a < NA; ++a) zpv[a] = V::set1(kMagicF + static_cast<float>(1 << (BITS - 1)));
   }
 #pragma GCC unroll 16
   for (int a = 0; a < NA; ++a) acc[a] = vf{};
   const uint8_t* B = W.b + bo;
+  const int64_t ahead = j1 - j0;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t k = id[j];
-    const vf xv = vf{} + x[k];
+    if (j + ahead < jend) __builtin_prefetch(B + static_cast<int64_t>(id[j + ahead]) * width, 0, 3);
+    const vf xv = V::set1(x[k]);
     const uint8_t* row = B + k * width;
 #pragma GCC unroll 16
     for (int p = 0; p < NP; ++p) {
@@ -124,13 +129,14 @@ NM_NBITS_TARGET void chunk(const NBitsBlock& g) {
   constexpr int64_t kTokens = 16;
   const NBitsWeight& W = *g.W;
   const int64_t O = W.O, K = W.K, bs = W.block_size, kept = g.kept;
+  const int64_t kend = g.blk1 * bs;  // prefetch no further than this task's blocks
   for (int64_t t = g.t0; t < g.t1; ++t)
     for (int64_t o = g.o0; o < g.o1; ++o) g.Y[t * O + o] = 0.0f;
   for (int64_t t0 = g.t0; t0 < g.t1; t0 += kTokens) {
     const int64_t t1 = t0 + kTokens < g.t1 ? t0 + kTokens : g.t1;
     int64_t cursor[kTokens];
-    for (int64_t t = t0; t < t1; ++t) cursor[t - t0] = 0;
-    for (int64_t blk = 0; blk * bs < K; ++blk) {
+    for (int64_t t = t0; t < t1; ++t) cursor[t - t0] = first_at_or_after(g.idx + t * kept, kept, g.blk0 * bs);
+    for (int64_t blk = g.blk0; blk < g.blk1; ++blk) {
       const int64_t k1 = (blk + 1) * bs;
       for (int64_t t = t0; t < t1; ++t) {
         const int32_t* id = g.idx + t * kept;
@@ -139,11 +145,12 @@ NM_NBITS_TARGET void chunk(const NBitsBlock& g) {
         while (j1 < kept && id[j1] < k1) ++j1;
         cursor[t - t0] = j1;
         if (j1 == j0) continue;
+        const int64_t jend = kend >= K ? kept : first_at_or_after(id + j1, kept - j1, kend) + j1;
         const float* x = g.X + t * K;
         float* y = g.Y + t * O;
         int64_t c = g.o0;
-        for (; c + CT <= g.o1; c += CT) tile<V, BITS, V::NP>(W, x, id, j0, j1, blk, y, c);
-        for (; c + CP <= g.o1; c += CP) tile<V, BITS, 1>(W, x, id, j0, j1, blk, y, c);
+        for (; c + CT <= g.o1; c += CT) tile<V, BITS, V::NP>(W, x, id, j0, j1, jend, blk, y, c);
+        for (; c + CP <= g.o1; c += CP) tile<V, BITS, 1>(W, x, id, j0, j1, jend, blk, y, c);
         if (c < g.o1) nbits_block_cols_scalar(W, x, id, j0, j1, blk, y, c, g.o1);
       }
     }
