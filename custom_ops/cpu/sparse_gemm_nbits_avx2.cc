@@ -12,7 +12,7 @@ namespace detail {
 namespace {
 
 struct Avx2 {
-  static constexpr int L = 8, NP = 4;
+  static constexpr int L = 8, NP = 4, NP_SYM = 4;
   typedef float vf __attribute__((vector_size(32)));
   typedef int32_t vi __attribute__((vector_size(32)));
   NM_NBITS_TARGET static vf set1(float a) { return reinterpret_cast<vf>(_mm256_set1_ps(a)); }

@@ -17,7 +17,7 @@ namespace detail {
 namespace {
 
 struct Avx512 {
-  static constexpr int L = 16, NP = 4;
+  static constexpr int L = 16, NP = 4, NP_SYM = 4;
   typedef float vf __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
   NM_NBITS_TARGET static vf set1(float a) { return reinterpret_cast<vf>(_mm512_set1_ps(a)); }

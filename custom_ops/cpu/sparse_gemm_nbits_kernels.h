@@ -2,7 +2,8 @@
 //
 // Included by sparse_gemm_nbits_avx2.cc and sparse_gemm_nbits_avx512.cc, each after defining
 //   NM_NBITS_TARGET  the function target attribute of its ISA, and
-//   a traits type V (same unnamed namespace): L (float lanes), NP (vector pieces per register tile), the
+//   a traits type V (same unnamed namespace): L (float lanes), NP / NP_SYM (vector pieces per register tile
+//   with / without zero points), the
 //   GCC vector types vf (L floats), vi (L int32), load_bytes(p) (L bytes zero-extended to int32: one vpmovzxbd;
 //   GCC's __builtin_convertvector of a byte vector compiles to scalar inserts), fma(a, b, c) = a * b + c fused (the
 //   library is built with -ffp-contract=off, so a * b + c would round twice), zip_lo / zip_hi (interleave
@@ -61,7 +62,7 @@ NM_NBITS_TARGET inline void storef(float* p, typename V::vf v) {
 // The same columns of the token's kept rows in the next K block (id[j + (j1 - j0)], j < jend) are prefetched
 // one block ahead: the tile reads one cache line of each of ~16 rows, too short a run for the hardware
 // prefetchers when rows are a few KiB apart.
-template <class V, int BITS, int NP>
+template <class V, int BITS, bool SYM, int NP>
 NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int32_t* id, int64_t j0, int64_t j1,
                                  int64_t jend, int64_t blk, float* y, int64_t c) {
   using vf = typename V::vf;
@@ -71,7 +72,7 @@ NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int
   const int64_t width = W.width();
   const int64_t bo = c * BITS / 8;  // byte offset of column c in a packed row
   vf zpv[NA], acc[NA];
-  if (W.zero_points) {
+  if (!SYM) {
     const uint8_t* zr = W.zero_points + blk * width + bo;
 #pragma GCC unroll 16
     for (int p = 0; p < NP; ++p) {
@@ -93,7 +94,11 @@ NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int
   const int64_t ahead = j1 - j0;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t k = id[j];
-    if (j + ahead < jend) __builtin_prefetch(B + static_cast<int64_t>(id[j + ahead]) * width, 0, 3);
+    if (j + ahead < jend) {
+      const uint8_t* next = B + static_cast<int64_t>(id[j + ahead]) * width;
+#pragma GCC unroll 4
+      for (int line = 0; line < NP * L; line += 64) __builtin_prefetch(next + line, 0, 2);
+    }
     const vf xv = V::set1(x[k]);
     const uint8_t* row = B + k * width;
 #pragma GCC unroll 16
@@ -122,14 +127,17 @@ NM_NBITS_TARGET inline void tile(const NBitsWeight& W, const float* x, const int
   }
 }
 
-template <class V, int BITS>
+// SYM: no zero points (one constant 2^23 + 2^(bits-1) instead of NA loaded vectors), tiles of V::NP_SYM pieces.
+// Measured at T = 1 (benchmarks/sparse_nbits.py): 8 pieces on AVX-512 (two lines of each row per pass, the
+// zero-point registers freed) was 10-25% slower than 4, so both are 4 there.
+template <class V, int BITS, bool SYM>
 NM_NBITS_TARGET void chunk(const NBitsBlock& g) {
+  constexpr int NP = SYM ? V::NP_SYM : V::NP;
   constexpr int64_t CP = BITS == 4 ? 2 * V::L : V::L;  // columns of one piece
-  constexpr int64_t CT = CP * V::NP;                   // columns of one register tile
+  constexpr int64_t CT = CP * NP;                      // columns of one register tile
   constexpr int64_t kTokens = 16;
   const NBitsWeight& W = *g.W;
   const int64_t O = W.O, K = W.K, bs = W.block_size, kept = g.kept;
-  const int64_t kend = g.blk1 * bs;  // prefetch no further than this task's blocks
   for (int64_t t = g.t0; t < g.t1; ++t)
     for (int64_t o = g.o0; o < g.o1; ++o) g.Y[t * O + o] = 0.0f;
   for (int64_t t0 = g.t0; t0 < g.t1; t0 += kTokens) {
@@ -145,12 +153,11 @@ NM_NBITS_TARGET void chunk(const NBitsBlock& g) {
         while (j1 < kept && id[j1] < k1) ++j1;
         cursor[t - t0] = j1;
         if (j1 == j0) continue;
-        const int64_t jend = kend >= K ? kept : first_at_or_after(id + j1, kept - j1, kend) + j1;
         const float* x = g.X + t * K;
         float* y = g.Y + t * O;
         int64_t c = g.o0;
-        for (; c + CT <= g.o1; c += CT) tile<V, BITS, V::NP>(W, x, id, j0, j1, jend, blk, y, c);
-        for (; c + CP <= g.o1; c += CP) tile<V, BITS, 1>(W, x, id, j0, j1, jend, blk, y, c);
+        for (; c + CT <= g.o1; c += CT) tile<V, BITS, SYM, NP>(W, x, id, j0, j1, kept, blk, y, c);
+        for (; c + CP <= g.o1; c += CP) tile<V, BITS, SYM, 1>(W, x, id, j0, j1, kept, blk, y, c);
         if (c < g.o1) nbits_block_cols_scalar(W, x, id, j0, j1, blk, y, c, g.o1);
       }
     }
@@ -159,10 +166,11 @@ NM_NBITS_TARGET void chunk(const NBitsBlock& g) {
 
 template <class V>
 NM_NBITS_TARGET void chunk_any(const NBitsBlock& g) {
+  const bool sym = g.W->zero_points == nullptr;
   if (g.W->bits == 4)
-    chunk<V, 4>(g);
+    sym ? chunk<V, 4, true>(g) : chunk<V, 4, false>(g);
   else
-    chunk<V, 8>(g);
+    sym ? chunk<V, 8, true>(g) : chunk<V, 8, false>(g);
 }
 
 }  // namespace
