@@ -42,6 +42,23 @@ SHAPES = [(4096, 11008), (11008, 4096)]
 N, M = 8, 16
 BLOCK = 32
 N_INPUTS = 4
+NOTES = """### What bounds it
+
+- Both sides are bound by DRAM at T = 1 (weights rotate over > 2x L3). Bytes per call: MatMulNBits reads all
+  packed weights plus the float32 scales (4 bytes per 32 weights: +25% at int4); the sparse op reads the kept
+  half of the packed rows and, unavoidably, every scale row (each K block has kept rows). So the best ratio
+  at 8:16, int4 block 32, is (0.5 + 0.125) / (0.25 + 0.125) = 1.67x, at int8 (1 + 0.125) / (0.5 + 0.125) = 1.8x;
+  ratios above the bound mean MatMulNBits reaches less bandwidth than the sparse kernel (the GB/s columns).
+- The sparse decode kernel (`custom_ops/cpu/sparse_gemm_nbits*`, docs/ops.md "Performance notes"): per K block
+  and 128-column tile (AVX-512, int4: one cache line of each kept row) the block's kept rows accumulate
+  x * (q - zp) in registers, then y += scale * acc once per block; full-width rows per task (split-K for two
+  threads); the next block's rows are prefetched. Two half-width column chunks instead of full rows were
+  1.1-1.2x slower; 256-column tiles for symmetric weights 10-25% slower.
+- MatMulNBits accuracy_level 4 quantizes X to int8 per block and uses int8 dot products; accuracy_level 0 keeps
+  float X (at int8 ORT 1.32 has no fast float path on this CPU: ~100x slower, shown for completeness). The
+  sparse op's arithmetic is float32 (no activation quantization), the same numerics as the reference.
+- Medians move by ~5-10% between runs on this shared 2-core machine; compare the sides of one row.
+"""
 
 
 def l3_bytes() -> int:
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
     ])
     print("\n" + body)
     if not args.no_write:
-        write_section(body)
+        write_section(body + "\n" + NOTES)
         print(f"wrote {RESULTS}")
     return 0
 
