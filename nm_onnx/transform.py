@@ -138,7 +138,6 @@ def transform(
     out = Path(out_path)
     as_dir = Path(in_path).is_dir()
     model = load_model(src)
-    genai.check_no_int4(model, src)
     prewrite = None
     try:
         if has_external(model):  # copy the weights to the output while the passes run

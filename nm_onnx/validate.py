@@ -181,6 +181,14 @@ def _attrs(node) -> dict:
     return out
 
 
+def _channel_scale_input(node) -> str | None:
+    """The name of a fused node's channel_scale input (its place differs per op), or None."""
+    from nm_onnx.ops.schemas import SCHEMAS
+
+    at = SCHEMAS[node.op_type].input_names.index("channel_scale")
+    return node.input[at] if len(node.input) > at and node.input[at] else None
+
+
 def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
     """Keep pattern a fused NMSparseMatMul node chooses for its input: the library's TokenShift + NMMask."""
     from nm_onnx.ops.graphs import op_model
@@ -191,7 +199,7 @@ def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
     if shift != "none":
         ts = _ort(op_model("TokenShift", ["X"], ["Xc", "eta"], mode=shift))
         xin = ts.run(["Xc"], {"X": xin})[0]
-    cs = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    cs = _channel_scale_input(node)
     feeds = {"X": xin}
     if cs is not None:
         if cs not in constants:
@@ -203,7 +211,9 @@ def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
 
 
 def _sparse_node(nodes):
-    nm = [n for n in nodes if n.domain == "nm_onnx" and n.op_type in ("NMMask", "NMSparseMatMul")]
+    from nm_onnx.ops.schemas import DOMAIN, NM_MASK, SPARSE_MATMULS
+
+    nm = [n for n in nodes if n.domain == DOMAIN and n.op_type in (NM_MASK, *SPARSE_MATMULS)]
     if len(nm) != 1:
         raise NmOnnxError(f"site subgraph has {len(nm)} NMMask/NMSparseMatMul nodes, expected 1")
     return nm[0]
@@ -370,7 +380,7 @@ def ort_masks(sparse_path, window: np.ndarray) -> tuple[np.ndarray, dict[str, np
         if node.op_type == "NMMask":
             masks[module] = res[node.output[0]] != 0
         else:
-            cs = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            cs = _channel_scale_input(node)
             consts = {cs: numpy_helper.to_array(inits[cs])} if cs in inits else {}
             masks[module] = library_mask(node, res[node.input[0]], consts)
     return res["logits"], masks, records

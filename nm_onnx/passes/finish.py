@@ -65,7 +65,16 @@ class FinishPass(ir.passes.InPlacePass):
     def _attach_functions(model: ir.Model) -> None:
         from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, function_protos
 
+        from nm_onnx.ops.functions import NBITS_MIN_OPSET
+        from nm_onnx.ops.schemas import NM_SPARSE_MATMUL_NBITS
+
         opset = int(model.opset_imports.get("", 18))
+        if opset < NBITS_MIN_OPSET and any(n.op_type == NM_SPARSE_MATMUL_NBITS for n in model.graph):
+            raise NmOnnxError(
+                f"--portable: the standard-ONNX body of {NM_SPARSE_MATMUL_NBITS} (quantized sites) needs "
+                f"default-domain opset >= {NBITS_MIN_OPSET}, and this model imports opset {opset}; re-export "
+                f"with --opset {NBITS_MIN_OPSET}, or drop --portable (the op library runs it)"
+            )
         for proto in function_protos(opset=opset):
             func = ir.serde.deserialize_function(proto)
             if func.identifier() in model.functions:
