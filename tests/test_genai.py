@@ -197,15 +197,6 @@ def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
         assert {r["kind"] for r in packed} == ({"qkv", "gate_up"} if extra else {"qkv"})
 
 
-def test_int4_builder_output_is_refused(tmp_path):
-    int4 = tiny_genai("llama", precision="int4")
-    r = run_cli("transform", int4, tmp_path / "out", "--recipe", "8:16-magnitude")
-    assert r.returncode == 2, r.stderr
-    (line,) = error_lines(r.stderr)
-    assert "int4 MatMulNBits sites are not supported yet" in line
-    assert not (tmp_path / "out").exists()
-
-
 def test_export_cli_genai_and_its_errors(tmp_path):
     src = tiny_hf("llama")
     r = run_cli("export", src, tmp_path / "g", "--format", "genai")
@@ -226,7 +217,7 @@ def test_export_cli_genai_and_its_errors(tmp_path):
         assert r.returncode == 2, r.stderr
         (line,) = error_lines(r.stderr)
         assert message in line
-    r = run_cli("export", src, tmp_path / "x", "--format", "genai", "--precision", "int4")
+    r = run_cli("export", src, tmp_path / "x", "--format", "genai", "--precision", "int2")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     # an existing folder of someone else's files is kept
     (tmp_path / "mine").mkdir()
