@@ -20,5 +20,6 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 export NM_ONNX_OPS_LIB="$BUILD_DIR/libnm_onnx_ops.so"
 cd "$ROOT"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_errors.py \
-  tests/test_ops_functions.py tests/test_sparse_matmul_perf_path.py -k "not harness and not cuda" "$@"
+  tests/test_ops_functions.py tests/test_sparse_matmul_perf_path.py tests/test_ops_nbits_kernels.py \
+  -k "not harness and not cuda" "$@"
 echo "test_asan.sh: op tests clean under ASan + UBSan"

@@ -725,8 +725,11 @@ void nm_mask_f32(const float* x, int64_t T, int64_t K, int n, int m, const float
   select_rows(x, T, K, n, m, scale, colnorm, y, nullptr, pf);
 }
 
-void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,
-                          const SparseMatMulArgs& a, float* y, const ParallelFor& pf) {
+// NMSparseMatMul's steps around the GEMM, shared by every weight format: 1. per row the shift, the
+// selection, the kept indices (ascending) and the variance-correction factor; 2. gemm(xs, idx, kept, y)
+// over the kept rows; 3. the epilogue (z + eta * shift_bias) * v + bias.
+void nm_sparse_matmul_rows(const float* x, int64_t T, int64_t K, int64_t O, const SparseMatMulArgs& a,
+                           const KeptGemm& gemm, float* y, const ParallelFor& pf) {
   const int64_t kept = K / a.m * a.n;
   std::vector<float> xs(static_cast<size_t>(T * K));
   std::vector<int32_t> idx(static_cast<size_t>(T * kept));
@@ -756,8 +759,8 @@ void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_
     }
   });
 
-  // 2. the sparse GEMM over the kept rows of B.
-  sparse_gemm(xs.data(), idx.data(), T, K, kept, b, O, y, pf);
+  // 2. the sparse GEMM over the kept rows of the weight.
+  gemm(xs.data(), idx.data(), kept, y);
 
   // 3. epilogue: (z + eta * shift_bias) * v + bias.
   pf(T, [&](std::ptrdiff_t t0, std::ptrdiff_t t1) {
@@ -773,6 +776,20 @@ void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_
       }
     }
   });
+}
+
+void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,
+                          const SparseMatMulArgs& a, float* y, const ParallelFor& pf) {
+  nm_sparse_matmul_rows(x, T, K, O, a, [&](const float* xs, const int32_t* idx, int64_t kept, float* z) {
+    sparse_gemm(xs, idx, T, K, kept, b, O, z, pf);
+  }, y, pf);
+}
+
+void nm_sparse_matmul_nbits_f32(const float* x, const NBitsWeight& w, int64_t T, const SparseMatMulArgs& a,
+                                float* y, const ParallelFor& pf) {
+  nm_sparse_matmul_rows(x, T, w.K, w.O, a, [&](const float* xs, const int32_t* idx, int64_t kept, float* z) {
+    sparse_gemm_nbits(xs, idx, T, kept, w, z, pf);
+  }, y, pf);
 }
 
 }  // namespace nm_onnx

@@ -8,6 +8,7 @@
 #include "nm_select.h"
 #include "op_attrs.h"
 #include "sparse_gemm.h"
+#include "sparse_gemm_nbits.h"
 
 namespace nm_onnx {
 
@@ -35,5 +36,15 @@ struct SparseMatMulArgs : NMSparseMatMulAttrs {
 // NMSparseMatMul computed in float32: X [T, K], B [K, O] (float32 or float16, read as stored) -> Y [T, O].
 void nm_sparse_matmul_f32(const float* x, Weight b, int64_t T, int64_t K, int64_t O,
                           const SparseMatMulArgs& args, float* y, const ParallelFor& pf);
+
+// NMSparseMatMulNBits computed in float32: X [T, K], the K-major quantized weight w (K, O in w) -> Y [T, O].
+void nm_sparse_matmul_nbits_f32(const float* x, const NBitsWeight& w, int64_t T, const SparseMatMulArgs& args,
+                                float* y, const ParallelFor& pf);
+
+// The steps both share: shift, selection and kept indices of each row (xs = x - eta, idx [T, kept] ascending),
+// then gemm(xs, idx, kept, y) writes the raw sums y [T, O], then the epilogue (shift bias, v, bias) in place.
+using KeptGemm = std::function<void(const float* xs, const int32_t* idx, int64_t kept, float* y)>;
+void nm_sparse_matmul_rows(const float* x, int64_t T, int64_t K, int64_t O, const SparseMatMulArgs& args,
+                           const KeptGemm& gemm, float* y, const ParallelFor& pf);
 
 }  // namespace nm_onnx

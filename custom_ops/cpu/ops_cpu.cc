@@ -1,4 +1,4 @@
-// CPU compute functions of TokenShift, NMMask and NMSparseMatMul (float32 and float16; float16 is
+// CPU compute functions of TokenShift, NMMask, NMSparseMatMul and NMSparseMatMulNBits (float32 and float16; float16 is
 // computed in float32, NMSparseMatMul's float16 weight is read as stored). Attributes and input shapes
 // arrive validated (op_defs.h, shared with CUDA); the math is in kernels.cc and nm_select.h.
 #include <cstring>
@@ -105,8 +105,40 @@ void nm_sparse_matmul(Ort::KernelContext& ctx, const NMSparseMatMulAttrs& attrs,
   }
 }
 
+// X, channel_scale, shift_bias and bias of the node's type (float16 converted to float32); B and zero_points
+// uint8 and scales float32 as stored (the quantized weight is never converted as a whole).
+template <typename T>
+void nm_sparse_matmul_nbits(Ort::KernelContext& ctx, const NMSparseMatMulNBitsAttrs& attrs,
+                            const NMSparseMatMulNBitsDef::Shapes& s, ONNXTensorElementDataType) {
+  std::vector<float> xb, cb, sb, ab;
+  SparseMatMulArgs a{attrs, input_f32<T>(s.channel_scale, cb), input_f32<T>(s.shift_bias, sb),
+                     input_f32<T>(s.bias, ab)};
+  const float* x = input_f32<T>(s.x, xb);
+  NBitsWeight w;
+  w.b = s.b.data<uint8_t>();
+  w.scales = s.scales.data<float>();
+  w.zero_points = s.zero_points.data<uint8_t>();
+  w.K = s.K;
+  w.O = s.O;
+  w.bits = attrs.bits;
+  w.block_size = attrs.block_size;
+  T* y = ctx.GetOutput(0, s.y).template GetTensorMutableData<T>();
+  const size_t ysize = static_cast<size_t>(s.T * s.O);
+  if (ysize == 0) return;
+  const ParallelFor pf = make_parallel_for(ctx);
+  if constexpr (std::is_same_v<T, float>) {
+    nm_sparse_matmul_nbits_f32(x, w, s.T, a, y, pf);
+  } else {
+    std::vector<float> y32(ysize);
+    nm_sparse_matmul_nbits_f32(x, w, s.T, a, y32.data(), pf);
+    store(y, y32.data(), ysize);
+  }
+}
+
 template <typename T>
 using CpuOps = OpSet<token_shift<T>, nm_mask<T>, nm_sparse_matmul<T>>;
+template <typename T>
+using CpuNBitsOp = NBitsOp<nm_sparse_matmul_nbits<T>>;
 
 }  // namespace
 
@@ -115,6 +147,10 @@ void add_cpu_ops(Ort::CustomOpDomain& domain) {
   static const CpuOps<Ort::Float16_t> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, nullptr);
   f32.add_to(domain);
   f16.add_to(domain);
+  static const CpuNBitsOp<float> nbits_f32(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, nullptr);
+  static const CpuNBitsOp<Ort::Float16_t> nbits_f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, nullptr);
+  domain.Add(&nbits_f32);
+  domain.Add(&nbits_f16);
 }
 
 }  // namespace nm_onnx

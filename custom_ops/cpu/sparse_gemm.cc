@@ -54,19 +54,34 @@ struct Kernels {
   void (*block)(const GemmBlock&);
 };
 
+}  // namespace
+
+int sparse_gemm_isa() {
+  static const int isa = [] {
+    __builtin_cpu_init();
+    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const char* want = std::getenv("NM_ONNX_SPARSE_GEMM_ISA");
+    const bool any = want == nullptr || *want == '\0';
+    const bool cap512 = any || std::strcmp(want, "avx512") == 0;
+    const bool cap2 = cap512 || std::strcmp(want, "avx2") == 0;
+    if (has512 && cap512) return 2;
+    if (has2 && cap2) return 1;
+    return 0;
+  }();
+  return isa;
+}
+
+namespace {
+
 Kernels pick_kernels() {
-  __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  const char* want = std::getenv("NM_ONNX_SPARSE_GEMM_ISA");
-  const bool any = want == nullptr || *want == '\0';
-  const bool cap512 = any || std::strcmp(want, "avx512") == 0;
-  const bool cap2 = cap512 || std::strcmp(want, "avx2") == 0;
-  if (has512 && cap512) return {sparse_gemm_stream_avx512, sparse_gemm_block_avx512};
-  if (has2 && cap2) return {sparse_gemm_stream_avx2, sparse_gemm_block_avx2};
-  return {sparse_gemm_stream_scalar, sparse_gemm_block_scalar};
+  switch (sparse_gemm_isa()) {
+    case 2: return {sparse_gemm_stream_avx512, sparse_gemm_block_avx512};
+    case 1: return {sparse_gemm_stream_avx2, sparse_gemm_block_avx2};
+    default: return {sparse_gemm_stream_scalar, sparse_gemm_block_scalar};
+  }
 }
 
 constexpr int64_t kSmallT = 16;           // up to this many tokens: the streaming (decode) kernel

@@ -33,6 +33,10 @@ void sparse_gemm_stream_scalar(const GemmBlock& blk, int64_t jb);
 void sparse_gemm_stream_avx2(const GemmBlock& blk, int64_t jb);
 void sparse_gemm_stream_avx512(const GemmBlock& blk, int64_t jb);
 
+// The kernels' instruction set: 2 AVX-512 F/BW/VL, 1 AVX2+FMA+F16C, 0 scalar; the best this CPU supports,
+// capped by NM_ONNX_SPARSE_GEMM_ISA=scalar|avx2|avx512 (read once per process; shared with sparse_gemm_nbits).
+int sparse_gemm_isa();
+
 // float16 bits -> float32 (exact; subnormals, infinities and NaN payloads kept).
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

@@ -1,4 +1,4 @@
-// CUDA kernels of TokenShift, NMMask and NMSparseMatMul (float32, float16, bfloat16; math in float32,
+// CUDA kernels of TokenShift, NMMask, NMSparseMatMul and NMSparseMatMulNBits (float32, float16, bfloat16; math in float32,
 // float64 for means, variances and clact column norms). The selection rules are nm_select.h, shared
 // with the CPU kernels. NMSparseMatMul decode (T <= 16) reads only the kept rows of B through the
 // split-K GEMV of sparse_gemv.cu; the rest is correct and simple rather than fast.
@@ -226,6 +226,37 @@ __global__ void sparse_gemm_kernel(const float* xh, const uint8_t* keep, const T
   }
 }
 
+// NMSparseMatMulNBits, one thread per output (t, o): Y[t, o] = finish(sum over kept k of xh[t, k] * W[k, o]) with
+// W[k, o] = (q[k, o] - zp[k / bs, o]) * scales[k / bs, o] dequantized in float32 as the reference does
+// (B [K, width] uint8 K-major, 4-bit: column 2j in the low nibble of byte j; zp null: 2^(bits-1)).
+__device__ __forceinline__ int nbits_at(const uint8_t* row, int64_t o, int bits) {
+  if (bits == 8) return row[o];
+  const uint8_t byte = row[o >> 1];
+  return (o & 1) ? byte >> 4 : byte & 15;
+}
+
+template <typename T>
+__global__ void sparse_gemm_nbits_kernel(const float* xh, const uint8_t* keep, const uint8_t* b, const float* scales,
+                                         const uint8_t* zp, int bits, int64_t bs, const float* eta, const T* sb,
+                                         const float* v, const T* bias, int64_t T_, int64_t K, int64_t O, T* y) {
+  const int64_t total = T_ * O, width = (O * bits + 7) / 8;
+  const float zdef = static_cast<float>(1 << (bits - 1));
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / O, o = i % O;
+    const float* hr = xh + t * K;
+    const uint8_t* kr = keep + t * K;
+    float z = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!kr[k]) continue;
+      const int64_t blk = k / bs;
+      const float q = static_cast<float>(nbits_at(b + k * width, o, bits));
+      const float zq = zp ? static_cast<float>(nbits_at(zp + blk * width, o, bits)) : zdef;
+      z += hr[k] * ((q - zq) * scales[blk * O + o]);
+    }
+    y[i] = finish(z, t, o, eta, sb, v, bias);
+  }
+}
+
 // Decode: Y = finish(z) of the float32 sums z [T, O] of the split-K GEMV (sparse_gemv.cu).
 template <typename T>
 __global__ void finish_kernel(const float* z, const float* eta, const T* sb, const float* v, const T* bias,
@@ -330,6 +361,28 @@ void nm_sparse_matmul_t(const void* xv, const void* bv, const void* csv, const v
   check(cudaGetLastError(), "NMSparseMatMul CUDA kernel");
 }
 
+template <typename T>
+void nm_sparse_matmul_nbits_t(const void* xv, const uint8_t* b, const float* scales, const uint8_t* zp,
+                              const void* csv, const void* sbv, const void* biasv, void* yv, int64_t T_, int64_t K,
+                              int64_t O, const NMSparseMatMulNBitsAttrs& p, cudaStream_t s) {
+  if (T_ * O == 0) return;
+  const T* x = static_cast<const T*>(xv);
+  Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
+  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
+                                                                     eta.as<float>());
+  if (K > 0)
+    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv), nullptr,
+                                                              T_ * K, K, p.n, p.m, nullptr, xh.as<float>(),
+                                                              keep.as<uint8_t>());
+  if (p.variance_correction)
+    variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
+  sparse_gemm_nbits_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(
+      xh.as<float>(), keep.as<uint8_t>(), b, scales, zp, p.bits, p.block_size, eta.as<float>(),
+      static_cast<const T*>(sbv), p.variance_correction ? v.as<float>() : nullptr, static_cast<const T*>(biasv), T_, K,
+      O, static_cast<T*>(yv));
+  check(cudaGetLastError(), "NMSparseMatMulNBits CUDA kernel");
+}
+
 }  // namespace
 
 #define NM_DISPATCH(dt, FN, ...)                                  \
@@ -350,6 +403,12 @@ void nm_mask(DType dt, const void* x, const void* cs, void* y, int64_t T, int64_
 void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* cs, const void* sb, const void* bias,
                       void* y, int64_t T, int64_t K, int64_t O, const NMSparseMatMulAttrs& a, void* stream) {
   NM_DISPATCH(dt, nm_sparse_matmul_t, x, b, cs, sb, bias, y, T, K, O, a, static_cast<cudaStream_t>(stream))
+}
+void nm_sparse_matmul_nbits(DType dt, const void* x, const uint8_t* b, const float* scales, const uint8_t* zp,
+                            const void* cs, const void* sb, const void* bias, void* y, int64_t T, int64_t K, int64_t O,
+                            const NMSparseMatMulNBitsAttrs& a, void* stream) {
+  NM_DISPATCH(dt, nm_sparse_matmul_nbits_t, x, b, scales, zp, cs, sb, bias, y, T, K, O, a,
+              static_cast<cudaStream_t>(stream))
 }
 
 }  // namespace cuda

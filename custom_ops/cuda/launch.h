@@ -19,6 +19,11 @@ void nm_mask(DType dt, const void* x, const void* channel_scale, void* y, int64_
 void nm_sparse_matmul(DType dt, const void* x, const void* b, const void* channel_scale, const void* shift_bias,
                       const void* bias, void* y, int64_t T, int64_t K, int64_t O, const NMSparseMatMulAttrs& a,
                       void* stream);
+// b, zero_points: uint8 (zero_points may be null), scales: float32; the rest of the node's dtype dt.
+void nm_sparse_matmul_nbits(DType dt, const void* x, const uint8_t* b, const float* scales,
+                            const uint8_t* zero_points, const void* channel_scale, const void* shift_bias,
+                            const void* bias, void* y, int64_t T, int64_t K, int64_t O,
+                            const NMSparseMatMulNBitsAttrs& a, void* stream);
 
 }  // namespace cuda
 }  // namespace nm_onnx

@@ -1,4 +1,4 @@
-// The three nm_onnx ops, each defined once for every execution provider: name, inputs, outputs,
+// The four nm_onnx ops, each defined once for every execution provider: name, inputs, outputs,
 // attribute parsing and input-shape checks (with the user-facing messages of docs/ops.md), and the
 // ORT custom-op template that registers a definition with one provider's compute function.
 //
@@ -86,14 +86,17 @@ inline InputInfo check_channel_scale(Ort::KernelContext& ctx, size_t i, const st
   return v;
 }
 
-// ------------------------------------------------------------------------------------- the three ops
+// ------------------------------------------------------------------------------------- the ops
 // Each definition: its Signature (the parsed Attrs; input and output counts, inputs from kRequired on
 // being optional), kName, parse() of the node's attributes and the Shapes that check() reads from the
 // inputs of one call.
+// input_type(i, node_type): the element type of input i; every input has the node's type unless a
+// definition fixes it (NMSparseMatMulNBits: the quantized weight is uint8, its scales float32).
 template <typename A, size_t Inputs, size_t Required, size_t Outputs>
 struct Signature {
   using Attrs = A;
   static constexpr size_t kInputs = Inputs, kRequired = Required, kOutputs = Outputs;
+  static ONNXTensorElementDataType input_type(size_t, ONNXTensorElementDataType node_type) { return node_type; }
 };
 
 // TokenShift(X) -> (Xc, eta)
@@ -171,6 +174,72 @@ struct NMSparseMatMulDef : Signature<NMSparseMatMulAttrs, 5, 2, 1> {
   }
 };
 
+// NMSparseMatMulNBits(X, B, scales[, zero_points][, channel_scale][, shift_bias][, bias]) -> Y:
+// NMSparseMatMul on the block-quantized K-major weight W[k, o] = (q[k, o] - zp[k / bs, o]) * scales[k / bs, o]
+// (B uint8 [K, ceil(O*bits/8)], scales float32 [ceil(K/bs), O], zero_points uint8 [ceil(K/bs), ceil(O*bits/8)],
+// nm_onnx/ops/nbits.py). The messages are those of nbits.check_bits / check_block_size / check_kmajor.
+struct NMSparseMatMulNBitsDef : Signature<NMSparseMatMulNBitsAttrs, 7, 3, 1> {
+  static constexpr const char* kName = "NMSparseMatMulNBits";
+  enum : size_t { kX = 0, kB = 1, kScales = 2, kZeroPoints = 3, kChannelScale = 4, kShiftBias = 5, kBias = 6 };
+  static ONNXTensorElementDataType input_type(size_t i, ONNXTensorElementDataType node_type) {
+    if (i == kB || i == kZeroPoints) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == kScales) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return node_type;
+  }
+  static Attrs parse(const OrtKernelInfo* info, const std::string& label) {
+    Attrs a;
+    static_cast<NMSparseMatMulAttrs&>(a) = NMSparseMatMulDef::parse(info, label);
+    const int64_t bits = attr_int(info, "bits", false, 4, label);
+    if (bits != 4 && bits != 8)
+      throw OpError(label + ": attribute bits=" + std::to_string(bits) + " must be 4 or 8");
+    a.bits = static_cast<int>(bits);
+    const int64_t bs = attr_int(info, "block_size", true, 0, label, "e.g. block_size=32, the MatMulNBits block along K");
+    if (bs < 16 || (bs & (bs - 1)) != 0 || bs > (int64_t{1} << 40))
+      throw OpError(label + ": attribute block_size=" + std::to_string(bs) +
+                    " must be a power of two >= 16 (the MatMulNBits rule), e.g. 32");
+    a.block_size = bs;
+    return a;
+  }
+  struct Shapes : XInput {
+    InputInfo b, scales, zero_points, channel_scale, shift_bias, bias;
+    int64_t O = 0, blocks = 0, width = 0;  // width: bytes of one packed row of O values
+    std::vector<int64_t> y;
+  };
+  static Shapes check(Ort::KernelContext& ctx, const Attrs& a, const std::string& label) {
+    Shapes s;
+    s.read_x(ctx, label, a.m);
+    s.blocks = (s.K + a.block_size - 1) / a.block_size;
+    const std::string kb = std::to_string(s.blocks);
+    s.scales = input_info(ctx, kScales);
+    if (s.scales.shape.size() != 2 || s.scales.shape[0] != s.blocks)
+      throw OpError(label + ": input scales has shape " + shape_str(s.scales.shape) +
+                    " and dtype float32; it must be float32 [ceil(K/block_size), O] = [" + kb + ", O] (K=" +
+                    std::to_string(s.K) + ", block_size=" + std::to_string(a.block_size) + ")");
+    s.O = s.scales.shape[1];
+    s.width = (s.O * a.bits + 7) / 8;
+    const std::string w = std::to_string(s.width);
+    s.b = input_info(ctx, kB);
+    if (s.b.shape.size() != 2 || s.b.shape[0] != s.K || s.b.shape[1] != s.width)
+      throw OpError(label + ": input B has shape " + shape_str(s.b.shape) +
+                    " and dtype uint8; it must be uint8 [K, ceil(O*bits/8)] = [" + std::to_string(s.K) + ", " + w +
+                    "] (the K-major quantized weight, nm_onnx.ops.nbits)");
+    s.zero_points = input_info(ctx, kZeroPoints);
+    if (s.zero_points.has &&
+        (s.zero_points.shape.size() != 2 || s.zero_points.shape[0] != s.blocks || s.zero_points.shape[1] != s.width))
+      throw OpError(label + ": input zero_points has shape " + shape_str(s.zero_points.shape) +
+                    " and dtype uint8; it must be uint8 [ceil(K/block_size), ceil(O*bits/8)] = [" + kb + ", " + w +
+                    "]");
+    s.channel_scale = check_channel_scale(ctx, kChannelScale, label, s.K);
+    s.shift_bias = input_info(ctx, kShiftBias);
+    check_vector(label, "shift_bias", s.shift_bias, s.O, "column sums of the dequantized weight, one per output");
+    s.bias = input_info(ctx, kBias);
+    check_vector(label, "bias", s.bias, s.O, "one per output");
+    s.y = s.x.shape;
+    s.y.back() = s.O;
+    return s;
+  }
+};
+
 // ------------------------------------------------------------------------------------- ORT registration
 template <typename Def>
 using ComputeFn = void (*)(Ort::KernelContext&, const typename Def::Attrs&, const typename Def::Shapes&,
@@ -189,7 +258,7 @@ struct Kernel {
   }
 };
 
-// One op definition for one element type (all inputs and outputs share it) on one execution provider
+// One op definition for one element type (the outputs and, unless Def::input_type fixes one, the inputs) on one execution provider
 // (nullptr: CPU). Attributes are parsed and checked when the session creates the kernel.
 template <typename Def, ComputeFn<Def> Compute>
 struct Op : Ort::CustomOpBase<Op<Def, Compute>, Kernel<Def, Compute>, true> {
@@ -209,7 +278,7 @@ struct Op : Ort::CustomOpBase<Op<Def, Compute>, Kernel<Def, Compute>, true> {
   const char* GetName() const { return Def::kName; }
   const char* GetExecutionProviderType() const { return provider_; }
   size_t GetInputTypeCount() const { return Def::kInputs; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return type_; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return Def::input_type(i, type_); }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i < Def::kRequired ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
@@ -237,5 +306,9 @@ struct OpSet {
   Op<NMMaskDef, NMMask> nm_mask;
   Op<NMSparseMatMulDef, NMSparseMatMul> nm_sparse_matmul;
 };
+
+// NMSparseMatMulNBits of one element type (float32 or float16 X) on one provider, kept like an OpSet.
+template <ComputeFn<NMSparseMatMulNBitsDef> Compute>
+using NBitsOp = Op<NMSparseMatMulNBitsDef, Compute>;
 
 }  // namespace nm_onnx

@@ -36,13 +36,13 @@ inline std::string node_name(const OrtKernelInfo* info) {
 }
 
 inline int64_t attr_int(const OrtKernelInfo* info, const char* name, bool required, int64_t dflt,
-                        const std::string& label) {
+                        const std::string& label, const char* example = "e.g. n=8, m=16 for 8:16") {
   int64_t v = 0;
   OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
   if (st == nullptr) return v;
   Ort::GetApi().ReleaseStatus(st);
   if (required)
-    throw OpError(label + ": attribute " + name + " is missing; set it on the node (e.g. n=8, m=16 for 8:16)");
+    throw OpError(label + ": attribute " + name + " is missing; set it on the node (" + example + ")");
   return dflt;
 }
 
