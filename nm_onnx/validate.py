@@ -19,6 +19,9 @@
     is chaotic (1e-6 input noise flips masks and moves a window's perplexity by a few %), so the
     verdict is PASS when the difference plus 2 s.e. is within 1%, FAIL when the difference minus 2
     s.e. exceeds 1%, and INCONCLUSIVE (not a failure) otherwise.
+A model with quantized linears (MatMulNBits, NMSparseMatMulNBits: `transform --quantize`) is compared
+with the PyTorch reference given the same dequantized weights (`quantized_weights`), so (b), (c) and
+(e) stay exact; (a) compares the float export with the float PyTorch model.
 """
 
 from __future__ import annotations
@@ -328,6 +331,55 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
                         "failures": failures[:20], "per_site": per_site})
 
 
+# ------------------------------------------------------------------------- quantized weights
+def quantized_weights(sparse_path) -> dict[str, np.ndarray]:
+    """{module path: W [O, K] float32} of every quantized linear of a transformed model: the dequantized
+    weights it computes with (NMSparseMatMulNBits sites from their K-major inputs, dense or unfused
+    MatMulNBits sites from theirs). {} for a model without quantized weights."""
+    from nm_onnx.graph.constants import load_weight
+    from nm_onnx.graph.load import load_model, model_file
+    from nm_onnx.graph.sites import find_linear_sites
+    from nm_onnx.ops import nbits
+    from nm_onnx.ops.schemas import NM_SPARSE_MATMUL_NBITS
+    from nm_onnx.passes.record import site_records
+
+    model = load_model(model_file(sparse_path))
+    out = {module_call(s.module)[0]: np.array(load_weight(model, s), dtype=np.float32)
+           for s in find_linear_sites(model) if s.quant is not None}
+    nodes = {n.name: n for n in model.graph if n.name}
+    for r in site_records(model):
+        node = next((nodes[x] for x in r["nodes"] if x in nodes and nodes[x].op_type == NM_SPARSE_MATMUL_NBITS), None)
+        if node is None:
+            continue
+        a, ins = node.attributes, list(node.inputs) + [None] * 3
+        km = nbits.KMajor(b=ins[1].const_value.numpy(), scales=ins[2].const_value.numpy(),
+                          zero_points=None if ins[3] is None else ins[3].const_value.numpy(), k=r["k"], o=r["o"],
+                          bits=a.get_int("bits", 4), block_size=a.get_int("block_size"))
+        out[module_call(r["module"])[0]] = np.ascontiguousarray(km.dequantize().T)
+    return out
+
+
+def simulate_weights(model, weights: dict[str, np.ndarray]) -> dict:
+    """Give the PyTorch model's linears the deployed (dequantized) weights; returns what restore_weights
+    needs. A tied lm_head gets its own parameter (the embedding keeps the float weights it looks up)."""
+    import torch
+
+    saved = {}
+    for path, w in weights.items():
+        mod = model.get_submodule(path)
+        if tuple(mod.weight.shape) != w.shape:
+            raise NmOnnxError(f"site '{path}': the sparse model's weight is {list(w.shape)}, the PyTorch module's "
+                              f"{list(mod.weight.shape)}; validate the model this export was made from")
+        saved[path] = mod.weight
+        mod.weight = torch.nn.Parameter(torch.from_numpy(w).to(mod.weight.dtype), requires_grad=False)
+    return saved
+
+
+def restore_weights(model, saved: dict) -> None:
+    for path, weight in saved.items():
+        model.get_submodule(path).weight = weight
+
+
 # ------------------------------------------------------------------------------------------ (c)
 def _exposing_session(sparse_path, names: list[str]):
     """(session, temp dir) of the sparse model with extra graph outputs `names` (weights not copied)."""
@@ -625,7 +677,15 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
             results.append(check_dense_logits(dense, model, windows[:1]))
         from nm_onnx.reference import sparsify_model, unsparsify_model
 
-        sparsify_model(model, rec, artifact)
+        quantized = quantized_weights(sparse) if set(checks) & {"b", "c", "e"} else {}
+        if quantized:
+            _log(f"PyTorch reference with the sparse model's dequantized weights ({len(quantized)} linears)")
+        saved = simulate_weights(model, quantized)
+        try:
+            sparsify_model(model, rec, artifact)
+        except BaseException:
+            restore_weights(model, saved)
+            raise
         try:
             if "b" in checks:
                 _log("(b) layer-wise site parity")
@@ -638,6 +698,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
                 results.append(check_perplexity(sparse, model, windows))
         finally:
             unsparsify_model(model)
+            restore_weights(model, saved)
     order = {c: i for i, c in enumerate(CHECKS)}
     results.sort(key=lambda r: order[r.check])
     return ValidationReport(str(dense), str(sparse), str(model_source), rec.name,

@@ -29,8 +29,10 @@ def _uses_domain(nodes) -> bool:
 
 
 class FinishPass(ir.passes.InPlacePass):
-    def __init__(self, recipe, calibration_digest: str | None = None, portable: bool = False, check: bool = True):
+    def __init__(self, recipe, calibration_digest: str | None = None, portable: bool = False, check: bool = True,
+                 quantized: str | None = None):
         super().__init__()
+        self.quantized = quantized  # how the quantize pass quantized the float sites, if it ran
         self.recipe = recipe
         self.calibration_digest = calibration_digest
         self.portable = portable
@@ -51,6 +53,10 @@ class FinishPass(ir.passes.InPlacePass):
         meta["nm_onnx.calibration_digest"] = self.calibration_digest or ""
         meta["nm_onnx.version"] = __version__
         meta["nm_onnx.portable"] = "1" if self.portable else "0"
+        if self.quantized:
+            from nm_onnx.passes.quantize import QUANTIZE_KEY
+
+            meta[QUANTIZE_KEY] = self.quantized
         needed = onnx.helper.find_min_ir_version_for(
             [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items() if d in ("", "ai.onnx", "ai.onnx.ml")],
             ignore_unknown=True,
