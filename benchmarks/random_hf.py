@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-SHAPE = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=8192, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=49152, head_dim=64)
+SHAPE = {"hidden_size": 2048, "num_hidden_layers": 24, "intermediate_size": 8192, "num_attention_heads": 32,
+         "num_key_value_heads": 32, "vocab_size": 49152, "head_dim": 64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -131,9 +131,8 @@ def transform(
     """
     from nm_onnx import genai
     from nm_onnx.graph.load import load_model
-    from nm_onnx.recipe import SparsityRecipe
-
     from nm_onnx.passes.quantize import parse_quantize
+    from nm_onnx.recipe import SparsityRecipe
 
     start = time.perf_counter()
     quant = parse_quantize(quantize, quant_block_size)

@@ -69,9 +69,7 @@ class FinishPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _attach_functions(model: ir.Model) -> None:
-        from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, function_protos
-
-        from nm_onnx.ops.functions import NBITS_MIN_OPSET
+        from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, NBITS_MIN_OPSET, function_protos
         from nm_onnx.ops.schemas import NM_SPARSE_MATMUL_NBITS
 
         opset = int(model.opset_imports.get("", 18))
