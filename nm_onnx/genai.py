@@ -102,13 +102,3 @@ def builder_python() -> Path:
             f"or point ${BUILDER_ENV_VAR} at a Python with the packages of {BUILDER_REQUIREMENTS}"
         )
     return py
-
-
-def check_no_int4(model, path) -> None:
-    """Refuse a graph with MatMulNBits (int4) linears: not supported yet."""
-    count = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
-    if count:
-        raise NmOnnxError(
-            f"'{path}': int4 MatMulNBits sites are not supported yet ({count} in the graph); export with "
-            "`nm-onnx export MODEL OUT --format genai` (fp32)"
-        )

@@ -117,17 +117,25 @@ def transform(
     fuse: bool = True,
     portable: bool = False,
     overwrite: bool = False,
+    quantize: str | None = None,
+    quant_block_size: int = 32,
+    quant_symmetric: bool = True,
 ) -> TransformReport:
     """Transform IN (model file or export dir) into OUT with RECIPE (preset, JSON path or object).
+
+    `quantize` ("int4" / "int8"): quantize the float linear sites first (nm_onnx.passes.quantize:
+    round-to-nearest, blocks of `quant_block_size` along K, symmetric unless `quant_symmetric=False`).
 
     OUT may not be, contain or lie inside IN (or the recipe / calibration given); an existing OUT is
     replaced only when it is an earlier nm-onnx transform output, or with `overwrite`.
     """
     from nm_onnx import genai
     from nm_onnx.graph.load import load_model
+    from nm_onnx.passes.quantize import parse_quantize
     from nm_onnx.recipe import SparsityRecipe
 
     start = time.perf_counter()
+    quant = parse_quantize(quantize, quant_block_size)
     recipe_source = recipe
     recipe = SparsityRecipe.load(recipe)
     check_transform_output(in_path, out_path, recipe_source, calibration, overwrite)
@@ -138,12 +146,12 @@ def transform(
     out = Path(out_path)
     as_dir = Path(in_path).is_dir()
     model = load_model(src)
-    genai.check_no_int4(model, src)
     prewrite = None
     try:
         if has_external(model):  # copy the weights to the output while the passes run
             prewrite = Prewrite(model, out.parent)
-        passes = run_pipeline(model, recipe, artifact, fuse=fuse, portable=portable)
+        passes = run_pipeline(model, recipe, artifact, fuse=fuse, portable=portable,
+                              quantize=(*quant, quant_symmetric) if quant else None)
         external = has_external(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
         report = TransformReport(str(in_path), str(out), recipe.name, fuse, portable, external, 0.0, passes)
         _write_output(model, in_path, src, out, as_dir, external, prewrite, report, start, overwrite,

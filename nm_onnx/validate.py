@@ -19,6 +19,9 @@
     is chaotic (1e-6 input noise flips masks and moves a window's perplexity by a few %), so the
     verdict is PASS when the difference plus 2 s.e. is within 1%, FAIL when the difference minus 2
     s.e. exceeds 1%, and INCONCLUSIVE (not a failure) otherwise.
+A model with quantized linears (MatMulNBits, NMSparseMatMulNBits: `transform --quantize`) is compared
+with the PyTorch reference given the same dequantized weights (`quantized_weights`), so (b), (c) and
+(e) stay exact; (a) compares the float export with the float PyTorch model.
 """
 
 from __future__ import annotations
@@ -181,6 +184,14 @@ def _attrs(node) -> dict:
     return out
 
 
+def _channel_scale_input(node) -> str | None:
+    """The name of a fused node's channel_scale input (its place differs per op), or None."""
+    from nm_onnx.ops.schemas import SCHEMAS
+
+    at = SCHEMAS[node.op_type].input_names.index("channel_scale")
+    return node.input[at] if len(node.input) > at and node.input[at] else None
+
+
 def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
     """Keep pattern a fused NMSparseMatMul node chooses for its input: the library's TokenShift + NMMask."""
     from nm_onnx.ops.graphs import op_model
@@ -191,7 +202,7 @@ def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
     if shift != "none":
         ts = _ort(op_model("TokenShift", ["X"], ["Xc", "eta"], mode=shift))
         xin = ts.run(["Xc"], {"X": xin})[0]
-    cs = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    cs = _channel_scale_input(node)
     feeds = {"X": xin}
     if cs is not None:
         if cs not in constants:
@@ -203,7 +214,9 @@ def library_mask(node, x_node: np.ndarray, constants: dict) -> np.ndarray:
 
 
 def _sparse_node(nodes):
-    nm = [n for n in nodes if n.domain == "nm_onnx" and n.op_type in ("NMMask", "NMSparseMatMul")]
+    from nm_onnx.ops.schemas import DOMAIN, NM_MASK, SPARSE_MATMULS
+
+    nm = [n for n in nodes if n.domain == DOMAIN and n.op_type in (NM_MASK, *SPARSE_MATMULS)]
     if len(nm) != 1:
         raise NmOnnxError(f"site subgraph has {len(nm)} NMMask/NMSparseMatMul nodes, expected 1")
     return nm[0]
@@ -318,6 +331,55 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
                         "failures": failures[:20], "per_site": per_site})
 
 
+# ------------------------------------------------------------------------- quantized weights
+def quantized_weights(sparse_path) -> dict[str, np.ndarray]:
+    """{module path: W [O, K] float32} of every quantized linear of a transformed model: the dequantized
+    weights it computes with (NMSparseMatMulNBits sites from their K-major inputs, dense or unfused
+    MatMulNBits sites from theirs). {} for a model without quantized weights."""
+    from nm_onnx.graph.constants import load_weight
+    from nm_onnx.graph.load import load_model, model_file
+    from nm_onnx.graph.sites import find_linear_sites
+    from nm_onnx.ops import nbits
+    from nm_onnx.ops.schemas import NM_SPARSE_MATMUL_NBITS
+    from nm_onnx.passes.record import site_records
+
+    model = load_model(model_file(sparse_path))
+    out = {module_call(s.module)[0]: np.array(load_weight(model, s), dtype=np.float32)
+           for s in find_linear_sites(model) if s.quant is not None}
+    nodes = {n.name: n for n in model.graph if n.name}
+    for r in site_records(model):
+        node = next((nodes[x] for x in r["nodes"] if x in nodes and nodes[x].op_type == NM_SPARSE_MATMUL_NBITS), None)
+        if node is None:
+            continue
+        a, ins = node.attributes, list(node.inputs) + [None] * 3
+        km = nbits.KMajor(b=ins[1].const_value.numpy(), scales=ins[2].const_value.numpy(),
+                          zero_points=None if ins[3] is None else ins[3].const_value.numpy(), k=r["k"], o=r["o"],
+                          bits=a.get_int("bits", 4), block_size=a.get_int("block_size"))
+        out[module_call(r["module"])[0]] = np.ascontiguousarray(km.dequantize().T)
+    return out
+
+
+def simulate_weights(model, weights: dict[str, np.ndarray]) -> dict:
+    """Give the PyTorch model's linears the deployed (dequantized) weights; returns what restore_weights
+    needs. A tied lm_head gets its own parameter (the embedding keeps the float weights it looks up)."""
+    import torch
+
+    saved = {}
+    for path, w in weights.items():
+        mod = model.get_submodule(path)
+        if tuple(mod.weight.shape) != w.shape:
+            raise NmOnnxError(f"site '{path}': the sparse model's weight is {list(w.shape)}, the PyTorch module's "
+                              f"{list(mod.weight.shape)}; validate the model this export was made from")
+        saved[path] = mod.weight
+        mod.weight = torch.nn.Parameter(torch.from_numpy(w).to(mod.weight.dtype), requires_grad=False)
+    return saved
+
+
+def restore_weights(model, saved: dict) -> None:
+    for path, weight in saved.items():
+        model.get_submodule(path).weight = weight
+
+
 # ------------------------------------------------------------------------------------------ (c)
 def _exposing_session(sparse_path, names: list[str]):
     """(session, temp dir) of the sparse model with extra graph outputs `names` (weights not copied)."""
@@ -370,7 +432,7 @@ def ort_masks(sparse_path, window: np.ndarray) -> tuple[np.ndarray, dict[str, np
         if node.op_type == "NMMask":
             masks[module] = res[node.output[0]] != 0
         else:
-            cs = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            cs = _channel_scale_input(node)
             consts = {cs: numpy_helper.to_array(inits[cs])} if cs in inits else {}
             masks[module] = library_mask(node, res[node.input[0]], consts)
     return res["logits"], masks, records
@@ -615,7 +677,15 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
             results.append(check_dense_logits(dense, model, windows[:1]))
         from nm_onnx.reference import sparsify_model, unsparsify_model
 
-        sparsify_model(model, rec, artifact)
+        quantized = quantized_weights(sparse) if set(checks) & {"b", "c", "e"} else {}
+        if quantized:
+            _log(f"PyTorch reference with the sparse model's dequantized weights ({len(quantized)} linears)")
+        saved = simulate_weights(model, quantized)
+        try:
+            sparsify_model(model, rec, artifact)
+        except BaseException:
+            restore_weights(model, saved)
+            raise
         try:
             if "b" in checks:
                 _log("(b) layer-wise site parity")
@@ -628,6 +698,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
                 results.append(check_perplexity(sparse, model, windows))
         finally:
             unsparsify_model(model)
+            restore_weights(model, saved)
     order = {c: i for i, c in enumerate(CHECKS)}
     results.sort(key=lambda r: order[r.check])
     return ValidationReport(str(dense), str(sparse), str(model_source), rec.name,

@@ -102,24 +102,8 @@ def tiny_genai(arch: str = "llama", precision: str = "fp32", **extra_options) ->
     h.update((REPO_ROOT / BUILDER_REQUIREMENTS).read_bytes())
     h.update(json.dumps([precision, extra_options], sort_keys=True).encode())
     name = f"genai-{arch}-{precision}-{h.hexdigest()[:12]}"
-    if precision in PRECISIONS:
-        return _locked_export(name, lambda out: export_genai(src, out, precision=precision,
-                                                             extra_options=extra_options))
-    return _locked_export(name, lambda out: _raw_build(src, out, precision, extra_options))
-
-
-def _raw_build(src: Path, out: Path, precision: str, extra_options: dict) -> None:
-    """The builder on a precision nm-onnx refuses to export (int4: the tests of that refusal)."""
-    import subprocess
-
-    from nm_onnx.export_genai import builder_command
-    from nm_onnx.genai import builder_python
-    from nm_onnx.io import atomic_dir
-
-    with atomic_dir(out, "genai-export") as tmp:
-        subprocess.run(builder_command(builder_python(), src, tmp, tmp / ".cache", precision, extra_options),
-                       check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    assert precision in PRECISIONS, precision
+    return _locked_export(name, lambda out: export_genai(src, out, precision=precision, extra_options=extra_options))
 
 
 def wide_export() -> Path:

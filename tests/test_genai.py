@@ -151,10 +151,12 @@ def _exposed(directory, names):
 
 
 @needs_library
-@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"fuse_mlp_gate_up": True}), ("qwen2-bias", {})])
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"fuse_mlp_gate_up": True}), ("qwen2-bias", {}),
+                                        ("qwen2", {"precision": "int4", "is_symmetric": False})])
 def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
     """Every site's mask (unfused: the NMMask output) is the PyTorch reference's mask of the activation
-    it received, and a fused packed site's output is the reference sparse_linear on the packed weight."""
+    it received, and a fused site's output is the reference sparse_linear on the site's weight (packed
+    q/k/v; for a quantized site its dequantized MatMulNBits weight: validate (b) on the graph's own weights)."""
     import torch
 
     from nm_onnx.evaluation.feeds import make_feed
@@ -164,7 +166,10 @@ def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
     from nm_onnx.transform import transform
 
     dense = tiny_genai(arch, **extra)
-    weights = {s.module: (s.weight, s.bias) for s in find_linear_sites(load_model(genai.decoder_file(dense)))}
+    from nm_onnx.graph.constants import load_weight
+
+    dense_model = load_model(genai.decoder_file(dense))
+    weights = {s.module: (load_weight(dense_model, s), s.bias) for s in find_linear_sites(dense_model)}
     window = np.random.default_rng(0).integers(3, 500, size=(1, 24))
     for fuse in (False, True):
         out = tmp_path / f"sparse-{fuse}"
@@ -175,7 +180,8 @@ def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
         by_name = {n.name: n for n in onnx.load(str(genai.decoder_file(out)), load_external_data=False).graph.node}
         names, masks = [], {}
         for r in records:
-            node = next(by_name[x] for x in r["nodes"] if by_name[x].op_type in ("NMMask", "NMSparseMatMul"))
+            node = next(by_name[x] for x in r["nodes"]
+                        if by_name[x].op_type in ("NMMask", "NMSparseMatMul", "NMSparseMatMulNBits"))
             masks[r["module"]] = node.output[0]
             names += [r["input"], node.output[0], r["output"]]
         sess, proto = _exposed(out, sorted(set(names)))
@@ -188,22 +194,49 @@ def test_packed_site_masks_equal_the_reference(tmp_path, arch, extra):
             if not fuse:
                 np.testing.assert_array_equal(res[masks[r["module"]]] != 0, ref_mask, err_msg=r["module"])
             else:
+                from nm_onnx.validate import library_mask
+
+                node = next(by_name[x] for x in r["nodes"] if by_name[x].op_type.startswith("NMSparseMatMul"))
+                np.testing.assert_array_equal(library_mask(node, res[r["input"]], inits), ref_mask,
+                                              err_msg=r["module"])
                 weight, bias = weights[r["module"]]
-                w = torch.from_numpy(inits[weight].T.copy())
+                w = torch.from_numpy(np.array(weight, dtype=np.float32))
                 b = torch.from_numpy(inits[bias]) if bias else None
                 y = F.sparse_linear(x, w, b, n=8, m=16, shift="median").numpy()
                 got = res[r["output"]]
                 assert np.abs(got - y).max() <= 1e-5 * np.abs(y).max(), r["module"]
-        assert {r["kind"] for r in packed} == ({"qkv", "gate_up"} if extra else {"qkv"})
+        assert {r["kind"] for r in packed} == ({"qkv", "gate_up"} if "fuse_mlp_gate_up" in extra else {"qkv"})
 
 
-def test_int4_builder_output_is_refused(tmp_path):
-    int4 = tiny_genai("llama", precision="int4")
-    r = run_cli("transform", int4, tmp_path / "out", "--recipe", "8:16-magnitude")
-    assert r.returncode == 2, r.stderr
-    (line,) = error_lines(r.stderr)
-    assert "int4 MatMulNBits sites are not supported yet" in line
-    assert not (tmp_path / "out").exists()
+@needs_library
+@pytest.mark.parametrize("arch,extra", [
+    ("llama", {"precision": "int4"}),  # the builder's default: symmetric, block 32
+    ("qwen2", {"precision": "int4", "is_symmetric": False, "block_size": 64}),  # zero points
+    ("llama", {"precision": "int8"}),
+])
+def test_quantized_genai_dir_generates_in_og_like_ort(tmp_path, arch, extra):
+    """MatMulNBits sites become NMSparseMatMulNBits over the same quantized weights; og decodes them
+    through our kernels like a plain ORT session does."""
+    from nm_onnx.passes.record import site_records
+    from nm_onnx.transform import transform
+
+    dense = tiny_genai(arch, **extra)
+    proto = onnx.load(str(genai.decoder_file(dense)), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in proto.graph.node)
+    out = tmp_path / "sparse"
+    report = transform(dense, out, "8:16-median-shift")
+    sparse_sites = [s for s in report.passes.sites if s["action"] == "sparse"]
+    assert sparse_sites and all(report.passes.fused[s["module"]] == "fused" for s in sparse_sites)
+    records = site_records(onnx.load(str(genai.decoder_file(out)), load_external_data=False))
+    bits = 8 if extra["precision"] == "int8" else 4
+    assert {r["op"] for r in records} == {"NMSparseMatMulNBits"}
+    assert all(r["quant"] == {"bits": bits, "block_size": extra.get("block_size", 32),
+                              "symmetric": extra.get("is_symmetric", True)} for r in records)
+    dense_og, (dense_ort, dense_logits) = og_greedy(dense), ort_greedy(dense)
+    sparse_og, (sparse_ort, sparse_logits) = og_greedy(out), ort_greedy(out)
+    assert dense_og == dense_ort
+    assert sparse_og == sparse_ort
+    assert np.abs(sparse_logits - dense_logits).max() > 1e-3
 
 
 def test_export_cli_genai_and_its_errors(tmp_path):
@@ -226,7 +259,7 @@ def test_export_cli_genai_and_its_errors(tmp_path):
         assert r.returncode == 2, r.stderr
         (line,) = error_lines(r.stderr)
         assert message in line
-    r = run_cli("export", src, tmp_path / "x", "--format", "genai", "--precision", "int4")
+    r = run_cli("export", src, tmp_path / "x", "--format", "genai", "--precision", "int2")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     # an existing folder of someone else's files is kept
     (tmp_path / "mine").mkdir()

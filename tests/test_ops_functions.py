@@ -107,3 +107,49 @@ def test_ort_runs_kernel_with_library_and_function_body_without(op, tmp_path):
     without = executed_op_types(model, False, feeds, tmp_path)
     assert op in with_lib and "TopK" not in with_lib and "Greater" not in with_lib
     assert op not in without and ("Greater" in without or "TopK" in without)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k,o,block,shift,vc,lead", [
+    (64, 10, 32, "none", 0, (3,)),
+    (96, 7, 16, "median", 1, (2, 3)),  # odd O: a half-filled last byte of each packed row
+    (80, 33, 64, "mean", 0, (1, 4)),  # K not a multiple of the block: a partial last block
+    (32, 1, 128, "median", 0, (0,)),  # no tokens; one block wider than K
+])
+def test_nm_sparse_matmul_nbits_function_matches_reference(bits, symmetric, k, o, block, shift, vc, lead):
+    """The body (opset 21: unpack by BitShift/BitwiseAnd, zero points through a blocked DequantizeLinear)
+    equals the reference on RTN-quantized weights, with and without zero points and optional inputs."""
+    from conftest import assert_gemm_close
+
+    from nm_onnx.ops import nbits
+    from nm_onnx.ops import reference as ref
+
+    rng = np.random.default_rng(k * o + bits)
+    km = nbits.quantize(rng.standard_normal((k, o)).astype(np.float32), bits, block, symmetric).to_kmajor()
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    if x.size:
+        x.reshape(-1)[::7] = 0.5  # ties
+        x.reshape(-1)[3] = np.nan
+    opt = {"channel_scale": rng.random(k).astype(np.float32) + 0.5,
+           "shift_bias": rng.standard_normal(o).astype(np.float32), "bias": rng.standard_normal(o).astype(np.float32)}
+    for present in (("channel_scale", "shift_bias", "bias"), ()):
+        feeds = {"X": x, "B": km.b, "scales": km.scales} | {name: opt[name] for name in present}
+        if not symmetric:
+            feeds["zero_points"] = km.zero_points
+        names = [n if n in feeds else "" for n in
+                 ("X", "B", "scales", "zero_points", "channel_scale", "shift_bias", "bias")]
+        while not names[-1]:
+            names.pop()
+        sess = function_session("NMSparseMatMulNBits", names, ["Y"], opset=21, n=8, m=16, bits=bits,
+                                block_size=block, shift=shift, variance_correction=vc)
+        y = sess.run(None, feeds)[0]
+        kw = {name: opt[name] for name in present}
+        expected = ref.nm_sparse_matmul_nbits(x, km.b, km.scales, feeds.get("zero_points"), n=8, m=16, bits=bits,
+                                              block_size=block, shift=shift, variance_correction=vc, **kw)
+        assert_gemm_close(y, expected, x, km.dequantize(), 8, 16, shift, vc, **kw)
+
+
+def test_nbits_function_needs_opset_21():
+    assert "NMSparseMatMulNBits" not in {f.name for f in ops.function_protos(opset=20)}
+    assert "NMSparseMatMulNBits" in {f.name for f in ops.function_protos(opset=21)}

@@ -8,7 +8,7 @@ from nm_onnx.export import DEFAULT_OPSET
 NAME = "export"
 HELP = "Export a Hugging Face causal LM (alias, HF directory or .gguf) to ONNX (optimum or ORT GenAI)."
 FORMATS = ("optimum", "genai")
-GENAI_PRECISIONS = ("fp32", "fp16")  # = nm_onnx.export_genai.PRECISIONS (not imported: argparse runs first)
+GENAI_PRECISIONS = ("fp32", "fp16", "int4", "int8")  # = nm_onnx.export_genai.PRECISIONS (not imported: argparse runs first)
 
 
 def add_arguments(p):
@@ -19,7 +19,8 @@ def add_arguments(p):
                    help="optimum (default) or genai: ORT GenAI's model builder, run in its own environment "
                         "(`make genai-env`)")
     p.add_argument("--precision", choices=GENAI_PRECISIONS, default=None,
-                   help="--format genai only: weight precision (default fp32; int4 is not supported yet)")
+                   help="--format genai only: weight precision (default fp32; int4/int8: MatMulNBits block-quantized "
+                        "weights, sparsified by transform into NMSparseMatMulNBits)")
     p.add_argument("--no-past", action="store_true", help="export without KV cache (task text-generation)")
     p.add_argument("--opset", type=at_least(14), default=None,
                    help=f"ONNX opset (default {DEFAULT_OPSET}; >= 18 for --portable transforms); optimum only")

@@ -1,4 +1,4 @@
-"""`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable]`."""
+"""`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable] [--quantize int4|int8]`."""
 
 from nm_onnx.commands._args import add_overwrite
 
@@ -14,6 +14,12 @@ def add_arguments(p):
     p.add_argument("--no-fuse", action="store_true", help="keep the unfused TokenShift/NMMask/MatMul form")
     p.add_argument("--portable", action="store_true",
                    help="attach standard-ONNX function bodies so the model runs without the op library")
+    p.add_argument("--quantize", choices=("int4", "int8"), default=None,
+                   help="quantize the float linear sites first (round-to-nearest, blocks along K, the MatMulNBits "
+                        "scheme): sparse sites become NMSparseMatMulNBits, dense ones MatMulNBits")
+    p.add_argument("--quant-block-size", type=int, default=32, help="--quantize block size along K (default 32)")
+    p.add_argument("--quant-asymmetric", action="store_true",
+                   help="--quantize with uint8 zero points (default symmetric)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_overwrite(p)
 
@@ -24,6 +30,8 @@ def run(args) -> int:
     from nm_onnx.transform import transform
 
     report = transform(args.input, args.output, args.recipe, args.calibration,
-                       fuse=not args.no_fuse, portable=args.portable, overwrite=args.overwrite)
+                       fuse=not args.no_fuse, portable=args.portable, overwrite=args.overwrite,
+                       quantize=args.quantize, quant_block_size=args.quant_block_size,
+                       quant_symmetric=not args.quant_asymmetric)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0

@@ -30,11 +30,34 @@ def _initializer(model, name: str):
     return value.const_value
 
 
+def quantized_weight(model, site):
+    """The MatMulNBits weight of a quantized site (`site.quant`), checked (nm_onnx.ops.nbits)."""
+    from nm_onnx.ops.nbits import MatMulNBitsWeight
+
+    q = site.quant
+    zp = _initializer(model, q.zero_points).numpy() if q.zero_points else None
+    w = MatMulNBitsWeight(b=_initializer(model, site.weight).numpy(), scales=_initializer(model, q.scales).numpy(),
+                          zero_points=zp, k=site.k, n=site.o, bits=q.bits, block_size=q.block_size)
+    w.check(f"site '{site.module}' (MatMulNBits '{site.matmul}')")
+    return w
+
+
+def _weight_tensor(model, site):
+    """(tensor, transposed) the site computes with: the stored initializer, or for a quantized site its
+    dequantization B [K, O] float32 in memory (int4 weights are an eighth of their float size)."""
+    if site.quant is None:
+        return _initializer(model, site.weight), site.transposed
+    import onnx_ir as ir
+
+    return ir.tensor(quantized_weight(model, site).dequantize(), name=site.weight), False
+
+
 def load_weight(model, site) -> np.ndarray:
-    """The site's weight W [O, K] as stored dtype (a view onto the data when possible)."""
-    tensor = _initializer(model, site.weight)
+    """The site's weight W [O, K] as stored dtype (a view onto the data when possible; dequantized float32
+    for a quantized site)."""
+    tensor, transposed = _weight_tensor(model, site)
     array = tensor.numpy()
-    return array if site.transposed else array.T
+    return array if transposed else array.T
 
 
 def _release(tensor) -> None:
@@ -237,7 +260,7 @@ def weight_constants(model, site, criterion: str | None, need_r: bool) -> tuple[
     NmOnnxError naming the site if the weight holds an inf or NaN.
     """
     try:
-        return tensor_constants(_initializer(model, site.weight), site.transposed, criterion, need_r)
+        return tensor_constants(*_weight_tensor(model, site), criterion, need_r)
     except NonFiniteWeight as e:
         raise NmOnnxError(f"site '{site.module}': {e}") from None
 
@@ -260,12 +283,14 @@ def site_constants_parallel(model, jobs, workers: int | None = None):
     The weight tensors are looked up on the calling thread; each worker then reads one weight at a
     time, so at most `workers` weights are being read at once (a few MiB of buffers each).
     """
-    tasks = [(s, _initializer(model, s.weight), c, nr) for s, c, nr in jobs]
+    tasks = [(s, None if s.quant else _initializer(model, s.weight), c, nr) for s, c, nr in jobs]
     workers = workers or default_workers()
 
     def work(task):
         site, tensor, criterion, need_r = task
         try:
+            if tensor is None:  # a quantized site: dequantized on the worker
+                return tensor_constants(*_weight_tensor(model, site), criterion, need_r)
             return tensor_constants(tensor, site.transposed, criterion, need_r)
         except NonFiniteWeight as e:
             raise NmOnnxError(f"site '{site.module}': {e}") from None

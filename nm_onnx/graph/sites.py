@@ -13,6 +13,11 @@ uses the Hugging Face name (`model.layers.0.self_attn.qkv_proj`, as Phi-3's own 
 recipes' module globs select the same projections in both kinds of export. The builder packs q, k and v
 into one MatMul (`qkv_proj`, kind qkv) and, optionally, gate and up (`gate_up_proj`, kind gate_up):
 ONE site reading ONE activation, so one mask is shared by the packed projections.
+
+A site may also be a com.microsoft `MatMulNBits` (block-quantized int4/int8 weights, e.g. the builder's
+`-p int4` graphs, node `/model/layers.0/attn/qkv_proj/MatMul_Q4`): then `weight` is its packed B
+initializer and `quant` says how to read it (bits, block size, scales and zero-point initializers);
+the float weight everything downstream computes with is its dequantization (nm_onnx.ops.nbits).
 """
 
 from __future__ import annotations
@@ -29,8 +34,21 @@ _KIND_BY_NAME = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "lm_head",
 }
+QUANT_DOMAIN = "com.microsoft"
+QUANT_OP = "MatMulNBits"
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 _GENAI_ATTN_RE = re.compile(r"^(model\.layers\.\d+)\.attn\.")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a MatMulNBits site stores its weight (the node's attributes and constant inputs)."""
+
+    bits: int
+    block_size: int
+    scales: str  # initializer names
+    zero_points: str | None = None
+    extra_inputs: tuple[str, ...] = ()  # g_idx / bias inputs, if any (not supported by the sparse op)
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class LinearSite:
     bias: str | None = None  # bias initializer of a following Add, if any
     bias_add: str | None = None  # that Add node's name
     layer: int | None = None  # decoder layer index, if any
+    quant: Quantization | None = None  # a MatMulNBits site: its weight is block-quantized
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,19 +161,47 @@ def _bias_of(matmul):
     return other.name, user.name
 
 
+def _constant_name(value) -> str | None:
+    return value.name if value is not None and (value.const_value is not None or value.is_initializer()) else None
+
+
+def _quantized(node):
+    """(B initializer, K, N, Quantization) of a MatMulNBits node with constant inputs, else None."""
+    a = node.attributes
+    init = node.inputs[1] if len(node.inputs) > 1 else None
+    scales = _constant_name(node.inputs[2]) if len(node.inputs) > 2 else None
+    if _constant_name(init) is None or scales is None:
+        return None
+    zp = node.inputs[3] if len(node.inputs) > 3 else None
+    if zp is not None and _constant_name(zp) is None:
+        return None
+    extra = tuple(v.name for v in node.inputs[4:] if v is not None)
+    q = Quantization(bits=a.get_int("bits", 4), block_size=a.get_int("block_size", 0), scales=scales,
+                     zero_points=zp.name if zp is not None else None, extra_inputs=extra)
+    return init, a.get_int("K", 0), a.get_int("N", 0), q
+
+
 def find_linear_sites(model) -> list[LinearSite]:
     """All linear sites of the main graph, in graph order. Duplicated module paths get a #n suffix."""
     sites: list[LinearSite] = []
     seen: dict[str, int] = {}
     genai = getattr(model, "producer_name", None) == GENAI_PRODUCER
     for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        quant = None
+        if node.op_type == QUANT_OP and node.domain == QUANT_DOMAIN:
+            found = _quantized(node)
+            if found is None:
+                continue
+            init, k, o, quant = found
+            via, transposed = (), False
+        elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            init, via, transposed = _trace_weight(node.inputs[1])
+            if init is None or init.shape is None or len(init.shape) != 2:
+                continue
+            rows, cols = (int(d) for d in init.shape)
+            k, o = (cols, rows) if transposed else (rows, cols)
+        else:
             continue
-        init, via, transposed = _trace_weight(node.inputs[1])
-        if init is None or init.shape is None or len(init.shape) != 2:
-            continue
-        rows, cols = (int(d) for d in init.shape)
-        k, o = (cols, rows) if transposed else (rows, cols)
         module = module_path(node) or node.name or node.outputs[0].name
         if genai:
             module = _GENAI_ATTN_RE.sub(r"\1.self_attn.", module)
@@ -182,6 +229,7 @@ def find_linear_sites(model) -> list[LinearSite]:
                 bias=bias,
                 bias_add=bias_add,
                 layer=int(layer.group(1)) if layer else None,
+                quant=quant,
             )
         )
     return sites

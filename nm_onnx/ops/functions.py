@@ -34,15 +34,25 @@ import numpy as np
 import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper
-from onnxscript import DOUBLE, FLOAT, INT64, script
+from onnxscript import DOUBLE, FLOAT, INT64, UINT8, script
 from onnxscript import opset18 as op
+from onnxscript import opset21 as op21
 from onnxscript.values import Opset
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.method import VAR_EPS
-from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, OPSET_VERSION, SCHEMAS, TOKEN_SHIFT
+from nm_onnx.ops.schemas import (
+    DOMAIN,
+    NM_MASK,
+    NM_SPARSE_MATMUL,
+    NM_SPARSE_MATMUL_NBITS,
+    OPSET_VERSION,
+    SCHEMAS,
+    TOKEN_SHIFT,
+)
 
 MIN_OPSET = 18
+NBITS_MIN_OPSET = 21  # NMSparseMatMulNBits' body reads the optional zero points with a blocked DequantizeLinear
 ML_DOMAIN = "ai.onnx.ml"
 ML_OPSET = 2
 
@@ -206,14 +216,12 @@ def NMMask(X, channel_scale, n: int, m: int, criterion: str = "magnitude"):
     return Y
 
 
-@script(_OPS, default_opset=op)
-def NMSparseMatMul(
-    X, B, channel_scale, shift_bias, bias, n: int, m: int, shift: str = "none", variance_correction: int = 0
-):
+@script(_PIECES, default_opset=op)
+def sparse_product(X, B32, channel_scale, shift_bias, bias, n: int, m: int, shift: str, variance_correction: int):
+    """NMSparseMatMul's formula for X [..., K] and a float32 weight B32 [K, O] (output in X's type)."""
     f0 = op.Constant(value_float=0.0)
     f1 = op.Constant(value_float=1.0)
     X2, T, K = rows(X)
-    B32 = op.Cast(B, to=FLOAT.dtype)
     O = op.Shape(B32, start=-1)
     scale, _has_scale = optional_vector(channel_scale, X, K, f1)
     sb, has_shift_bias = optional_vector(shift_bias, X, O, f0)
@@ -245,8 +253,58 @@ def NMSparseMatMul(
     return Y
 
 
-_BODIES = (TokenShift, NMMask, NMSparseMatMul)
-_PIECE_FUNCTIONS = (rows, optional_vector, row_shifts, keep_mask, variance, kept_rows_matmul)
+@script(_PIECES, default_opset=op)
+def unpack_rows(P, width, bits: int):
+    """uint8 rows P [R, W] of packed `bits`-bit values (low bits first) as float32 [R, width]."""
+    four = op.Equal(op.Constant(value_int=bits), op.Constant(value_int=4))
+    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), op.Constant(value_int=bits)),
+                     to=UINT8.dtype)  # [0, 4] or [0]
+    mask = op.Cast(op.Where(four, op.Constant(value_int=15), op.Constant(value_int=255)), to=UINT8.dtype)
+    q = op.BitwiseAnd(op.BitShift(op.Unsqueeze(P, op.Constant(value_ints=[-1])), shifts, direction="RIGHT"), mask)
+    R = op.Shape(P, end=1)
+    flat = op.Reshape(q, op.Concat(R, op.Constant(value_ints=[-1]), axis=0))
+    return op.Cast(op.Slice(flat, op.Constant(value_ints=[0]), width, op.Constant(value_ints=[1])), to=FLOAT.dtype)
+
+
+@script(_OPS, default_opset=op)
+def NMSparseMatMul(
+    X, B, channel_scale, shift_bias, bias, n: int, m: int, shift: str = "none", variance_correction: int = 0
+):
+    Y = sparse_product(X, op.Cast(B, to=FLOAT.dtype), channel_scale, shift_bias, bias, n=n, m=m, shift=shift,
+                       variance_correction=variance_correction)
+    return Y
+
+
+@script(_OPS, default_opset=op21)
+def NMSparseMatMulNBits(
+    X, B, scales, zero_points, channel_scale, shift_bias, bias, n: int, m: int, block_size: int, bits: int = 4,
+    shift: str = "none", variance_correction: int = 0
+):
+    O = op21.Shape(scales, start=-1)
+    K = op21.Shape(B, end=1)
+    q = unpack_rows(B, O, bits=bits)
+    blocks = op21.Shape(scales, end=1)
+    four = op21.Equal(op21.Constant(value_int=bits), op21.Constant(value_int=4))
+    zp_default = op21.Expand(op21.Where(four, op21.Constant(value_float=8.0), op21.Constant(value_float=128.0)),
+                           op21.Concat(blocks, O, axis=0))  # 2^(bits-1)
+    # the optional uint8 zero points read through DequantizeLinear's optional zero point (blocked, opset
+    # 21): (0 - zp) * -1 = zp, or 0 when omitted
+    W_zp = op21.Div(op21.Add(op21.Mul(O, op21.Constant(value_int=bits)), op21.Constant(value_int=7)), op21.Constant(value_int=8))
+    zp_shape = op21.Concat(blocks, W_zp, axis=0)
+    zeros = op21.Cast(op21.Expand(op21.Constant(value_int=0), zp_shape), to=UINT8.dtype)
+    minus1 = op21.Expand(op21.Constant(value_float=-1.0), zp_shape)
+    zp_bytes = op21.Cast(op21.DequantizeLinear(zeros, minus1, zero_points, axis=0, block_size=1), to=UINT8.dtype)
+    zp = op21.Where(op21.OptionalHasElement(zero_points), unpack_rows(zp_bytes, O, bits=bits), zp_default)
+    block_of = op21.Div(op21.Range(op21.Constant(value_int=0), op21.Squeeze(K), op21.Constant(value_int=1)),
+                      op21.Constant(value_int=block_size))
+    W = op21.Mul(op21.Sub(q, op21.Gather(zp, block_of, axis=0)), op21.Gather(scales, block_of, axis=0))
+    Y = sparse_product(X, W, channel_scale, shift_bias, bias, n=n, m=m, shift=shift,
+                       variance_correction=variance_correction)
+    return Y
+
+
+_BODIES = (TokenShift, NMMask, NMSparseMatMul, NMSparseMatMulNBits)
+_PIECE_FUNCTIONS = (rows, optional_vector, row_shifts, keep_mask, variance, kept_rows_matmul, sparse_product, unpack_rows)
 
 
 def _check_signature(fn: onnx.FunctionProto) -> None:
@@ -263,14 +321,22 @@ def _check_signature(fn: onnx.FunctionProto) -> None:
         )
 
 
+def _at_opset(fn: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
+    """`fn` importing the default domain at `opset` (and ai.onnx.ml): set, not converted."""
+    del fn.opset_import[:]
+    fn.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(ML_DOMAIN, ML_OPSET)])
+    return fn
+
+
 @functools.cache
 def _inlined() -> tuple[bytes, ...]:
-    """The three bodies with the shared pieces inlined (at opset 18, the version they are written in)."""
-    pieces = [f.to_function_proto() for f in _PIECE_FUNCTIONS]
+    """The bodies with the shared pieces inlined. The inliner wants one opset: the bodies are written
+    at 18 (NMSparseMatMulNBits at 21, for the blocked DequantizeLinear) and held at NBITS_MIN_OPSET."""
+    pieces = [_at_opset(f.to_function_proto(), NBITS_MIN_OPSET) for f in _PIECE_FUNCTIONS]
     holder = helper.make_model(
         helper.make_graph([], "holder", [], []),
-        opset_imports=[helper.make_opsetid("", MIN_OPSET)],
-        functions=[f.to_function_proto() for f in _BODIES] + pieces,
+        opset_imports=[helper.make_opsetid("", NBITS_MIN_OPSET), helper.make_opsetid(ML_DOMAIN, ML_OPSET)],
+        functions=[_at_opset(f.to_function_proto(), NBITS_MIN_OPSET) for f in _BODIES] + pieces,
     )
     holder = onnx.inliner.inline_selected_functions(holder, [(p.domain, p.name) for p in pieces])
     for fn in holder.functions:
@@ -279,9 +345,10 @@ def _inlined() -> tuple[bytes, ...]:
 
 
 def function_protos(opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
-    """The standard-ONNX decompositions of TokenShift, NMMask and NMSparseMatMul (domain nm_onnx).
+    """The standard-ONNX decompositions of the nm_onnx ops (domain nm_onnx).
 
-    `opset` is the model's default-domain opset (>= 18); the model must also import ai.onnx.ml (>= 2).
+    `opset` is the model's default-domain opset (>= 18; NMSparseMatMulNBits' body needs >= 21 and is
+    left out below); the model must also import ai.onnx.ml (>= 2).
     """
     opset = int(opset)
     if opset < MIN_OPSET:
@@ -290,7 +357,4 @@ def function_protos(opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
             "convert the model with onnx.version_converter or export it with opset >= 18"
         )
     protos = [onnx.FunctionProto.FromString(b) for b in _inlined()]
-    for fn in protos:
-        del fn.opset_import[:]
-        fn.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(ML_DOMAIN, ML_OPSET)])
-    return protos
+    return [_at_opset(fn, opset) for fn in protos if opset >= NBITS_MIN_OPSET or fn.name != NM_SPARSE_MATMUL_NBITS]

@@ -23,6 +23,7 @@ TOKEN_SHIFT = "TokenShift"
 NM_MASK = "NMMask"
 NM_SPARSE_MATMUL = "NMSparseMatMul"
 NM_SPARSE_MATMUL_NBITS = "NMSparseMatMulNBits"
+SPARSE_MATMULS = (NM_SPARSE_MATMUL, NM_SPARSE_MATMUL_NBITS)  # the fused sparse linears (float, quantized B)
 
 # Element types of the kernels per execution provider (all inputs and outputs of a node share one,
 # except inputs with a fixed `Input.dtype`: the quantized weight, its zero points and scales).

@@ -44,7 +44,14 @@ def _check_inputs(label: str, schema, node: onnx.NodeProto, types: dict, provide
                 raise NmOnnxError(f"{label}: input {spec.name} is missing; it is required")
             continue
         t = types.get(value)
-        if t is not None and t not in DTYPES[provider]:
+        if t is not None and spec.dtype is not None:
+            if t != spec.dtype:
+                want = dtype_name(spec.dtype)
+                raise NmOnnxError(
+                    f"{label}: input {spec.name} ('{value}') has dtype {dtype_name(t)}; it must be {want} "
+                    f"(the quantized weight's layout, nm_onnx.ops.nbits)"
+                )
+        elif t is not None and t not in DTYPES[provider]:
             raise NmOnnxError(
                 f"{label}: input {spec.name} ('{value}') has dtype {dtype_name(t)}; cast it to {cast_hint(provider)}"
             )

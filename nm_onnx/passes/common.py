@@ -113,7 +113,13 @@ def make(op: str, inputs, site, what: str, attrs=None, domain: str = "", outputs
 
 
 def activation_dtype(matmul: ir.Node) -> ir.DataType:
-    """Element type the MatMul computes in: its weight input's type after Cast/Transpose/Identity."""
+    """Element type the MatMul computes in: its weight input's type after Cast/Transpose/Identity (a
+    MatMulNBits: its activation's, or its scales' type; B is uint8)."""
+    if matmul.op_type == "MatMulNBits":
+        for x in (matmul.inputs[0], matmul.outputs[0], matmul.inputs[2]):
+            if x is not None and x.dtype is not None:
+                return x.dtype
+        return ir.DataType.FLOAT
     for x in (matmul.inputs[1], matmul.inputs[0], matmul.outputs[0]):
         if x is not None and x.dtype is not None:
             return x.dtype

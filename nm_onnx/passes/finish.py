@@ -29,8 +29,10 @@ def _uses_domain(nodes) -> bool:
 
 
 class FinishPass(ir.passes.InPlacePass):
-    def __init__(self, recipe, calibration_digest: str | None = None, portable: bool = False, check: bool = True):
+    def __init__(self, recipe, calibration_digest: str | None = None, portable: bool = False, check: bool = True,
+                 quantized: str | None = None):
         super().__init__()
+        self.quantized = quantized  # how the quantize pass quantized the float sites, if it ran
         self.recipe = recipe
         self.calibration_digest = calibration_digest
         self.portable = portable
@@ -51,6 +53,10 @@ class FinishPass(ir.passes.InPlacePass):
         meta["nm_onnx.calibration_digest"] = self.calibration_digest or ""
         meta["nm_onnx.version"] = __version__
         meta["nm_onnx.portable"] = "1" if self.portable else "0"
+        if self.quantized:
+            from nm_onnx.passes.quantize import QUANTIZE_KEY
+
+            meta[QUANTIZE_KEY] = self.quantized
         needed = onnx.helper.find_min_ir_version_for(
             [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items() if d in ("", "ai.onnx", "ai.onnx.ml")],
             ignore_unknown=True,
@@ -63,9 +69,16 @@ class FinishPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _attach_functions(model: ir.Model) -> None:
-        from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, function_protos
+        from nm_onnx.ops.functions import ML_DOMAIN, ML_OPSET, NBITS_MIN_OPSET, function_protos
+        from nm_onnx.ops.schemas import NM_SPARSE_MATMUL_NBITS
 
         opset = int(model.opset_imports.get("", 18))
+        if opset < NBITS_MIN_OPSET and any(n.op_type == NM_SPARSE_MATMUL_NBITS for n in model.graph):
+            raise NmOnnxError(
+                f"--portable: the standard-ONNX body of {NM_SPARSE_MATMUL_NBITS} (quantized sites) needs "
+                f"default-domain opset >= {NBITS_MIN_OPSET}, and this model imports opset {opset}; re-export "
+                f"with --opset {NBITS_MIN_OPSET}, or drop --portable (the op library runs it)"
+            )
         for proto in function_protos(opset=opset):
             func = ir.serde.deserialize_function(proto)
             if func.identifier() in model.functions:

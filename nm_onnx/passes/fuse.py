@@ -6,7 +6,10 @@ The chains insert writes, as onnxscript rewrite rules (pattern / check / rewrite
     [-> Add(Z, Mul(eta, r))  dynamic | -> Add(Z, c) baked, after a static/learned Sub]
     [-> Mul(Z, v)  v = the variance-correction subgraph over (X, Xh)]
 
-become NMSparseMatMul(X, B, cs, r, c) with attrs n, m, shift, variance_correction. A static/learned
+become NMSparseMatMul(X, B, cs, r, c) with attrs n, m, shift, variance_correction. A chain around a
+com.microsoft MatMulNBits (a quantized site) becomes NMSparseMatMulNBits(X, B', scales', zp', cs, r, c):
+the same quantized values, scales and zero points re-laid out K-major (nm_onnx.ops.nbits), so the
+sparse op and its dense MatMulNBits source compute with bit-identical weights. A static/learned
 `Sub` before the chain and a scale_shift `Mul`/`Add` after it stay as they are (exact: same ops).
 
 One rule per chain form (`FuseSparseMatMul(shift, variance_correction)`); the larger forms run first
@@ -23,7 +26,10 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter.pattern import MatchResult, RewriteRuleClassBase, RewriteRuleSet, Var
 
-from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.errors import NmOnnxError
+from nm_onnx.graph.sites import QUANT_DOMAIN
+from nm_onnx.ops import nbits
+from nm_onnx.ops.schemas import DOMAIN, NM_SPARSE_MATMUL, NM_SPARSE_MATMUL_NBITS
 from nm_onnx.passes.common import ROLE_KEY, SITE_KEY, PassReport
 
 FLOAT = ir.DataType.FLOAT
@@ -67,19 +73,24 @@ def _escapes(value: ir.Value | None, inside: set) -> bool:
 class FuseSparseMatMul(RewriteRuleClassBase):
     """One chain form: shift in none / dynamic (TokenShift) / baked (Add of s·B), +- variance correction."""
 
-    def __init__(self, shift: str, variance_correction: bool, sites: _Sites):
+    def __init__(self, shift: str, variance_correction: bool, sites: _Sites, quantized: bool = False):
         vc = "+variance_correction" if variance_correction else ""
-        super().__init__(name=f"FuseSparseMatMul[{shift}{vc}]", remove_nodes=False)
+        nb = "NBits" if quantized else ""
+        super().__init__(name=f"FuseSparseMatMul{nb}[{shift}{vc}]", remove_nodes=False)
         self.shift = shift
         self.vc = variance_correction
         self.sites = sites
+        self.quantized = quantized
 
     def pattern(self, op, x, B, xv, xhv):
         xm = x
         if self.shift == "dynamic":
             xm, eta = op.TokenShift(x, _domain=DOMAIN, _outputs=["xc", "eta"])
         xh = op.NMMask(xm, _domain=DOMAIN, _allow_other_inputs=True, _outputs=["xh"])
-        z = op.MatMul(xh, B, _outputs=["z"])
+        if self.quantized:
+            z = op.MatMulNBits(xh, B, _domain=QUANT_DOMAIN, _allow_other_inputs=True, _outputs=["z"])
+        else:
+            z = op.MatMul(xh, B, _outputs=["z"])
         if self.shift == "dynamic":
             z = op.Add(z, op.Mul(eta, Var("r"), _outputs=["eta_r"]), _outputs=["z_shifted"])
         elif self.shift == "baked":
@@ -116,6 +127,11 @@ class FuseSparseMatMul(RewriteRuleClassBase):
             return "the NMMask output is not read by exactly one MatMul (as its activation input)", xh
         if len(mask.inputs) > 1 and mask.inputs[1] is not None and not _is_constant(None, mask.inputs[1]):
             return "channel_scale is not a constant", mask.inputs[1]
+        if self.quantized:
+            try:
+                _nbits_weight(values["z"].producer(), _site(mask))
+            except NmOnnxError as e:
+                return str(e), values["z"].producer()
         z, shifted = values.get("z"), values.get("z_shifted")
         if self.shift == "dynamic":
             eta_r = values["eta_r"]
@@ -141,26 +157,58 @@ class FuseSparseMatMul(RewriteRuleClassBase):
 
     def rewrite(self, op, x, B, xh, **values):
         mask = xh.producer()
-        inputs = [x, B, mask.inputs[1] if len(mask.inputs) > 1 else None, values.get("r"), values.get("c")]
+        prefix = mask.name.rsplit("/", 1)[0] if "/" in (mask.name or "") else (mask.name or "nm")
+        extra = [mask.inputs[1] if len(mask.inputs) > 1 else None, values.get("r"), values.get("c")]
+        attrs = {}
+        op_type = NM_SPARSE_MATMUL
+        weight = [B]
+        if self.quantized:
+            op_type = NM_SPARSE_MATMUL_NBITS
+            km = _nbits_weight(values["z"].producer(), _site(mask)).to_kmajor()
+            weight = [op.initializer(ir.tensor(km.b), name=f"{prefix}/nbits_B"),
+                      op.initializer(ir.tensor(km.scales), name=f"{prefix}/nbits_scales"),
+                      None if km.zero_points is None else
+                      op.initializer(ir.tensor(km.zero_points), name=f"{prefix}/nbits_zero_points")]
+            attrs = {"bits": km.bits, "block_size": km.block_size}
+        inputs = [x, *weight, *extra]
         while inputs[-1] is None:
             inputs.pop()
         shift = values["xc"].producer().attributes.get_string("mode", "median") if self.shift == "dynamic" else "none"
-        out = op.NMSparseMatMul(
+        out = getattr(op, op_type)(
             *inputs,
             n=mask.attributes.get_int("n"),
             m=mask.attributes.get_int("m"),
+            **attrs,
             shift=shift,
             variance_correction=int(self.vc),
             _domain=DOMAIN,
         )
         node = out.producer()
-        prefix = mask.name.rsplit("/", 1)[0] if "/" in (mask.name or "") else (mask.name or "nm")
-        node.name = f"{prefix}/NMSparseMatMul"
+        node.name = f"{prefix}/{op_type}"
         site = _site(mask)
         node.metadata_props[SITE_KEY] = site
-        node.metadata_props[ROLE_KEY] = "NMSparseMatMul"
+        node.metadata_props[ROLE_KEY] = op_type
         self.sites.fused[site] = node
         return out
+
+
+def _nbits_weight(node: ir.Node, site: str) -> nbits.MatMulNBitsWeight:
+    """The constant weight of a MatMulNBits node, checked (NmOnnxError: the reason it cannot be fused)."""
+    a = node.attributes
+    ins = list(node.inputs) + [None] * 4
+    if any(v is not None for v in ins[4:]):
+        raise NmOnnxError("the MatMulNBits has g_idx or bias inputs, which NMSparseMatMulNBits does not take")
+    if not all(_is_constant(None, v) for v in ins[1:3]) or (ins[3] is not None and not _is_constant(None, ins[3])):
+        raise NmOnnxError("the MatMulNBits weight, scales or zero points are not constants")
+
+    def array(v):
+        return None if v is None else v.const_value.numpy()
+
+    w = nbits.MatMulNBitsWeight(b=array(ins[1]), scales=array(ins[2]), zero_points=array(ins[3]),
+                                k=a.get_int("K", 0), n=a.get_int("N", 0), bits=a.get_int("bits", 4),
+                                block_size=a.get_int("block_size", 0))
+    w.check(f"site '{site}' (MatMulNBits '{node.name}')")
+    return w
 
 
 # Larger forms first: a chain with variance correction, then a shifted chain, then NMMask -> MatMul.
@@ -183,7 +231,7 @@ class FusePass(ir.passes.InPlacePass):
         sites = _Sites()
         count = 0
         for forms in RULE_ORDER:
-            rules = [FuseSparseMatMul.rule(shift, vc, sites) for shift, vc in forms]
+            rules = [FuseSparseMatMul.rule(shift, vc, sites, q) for shift, vc in forms for q in (False, True)]
             count += RewriteRuleSet(rules).apply_to_model(model)
         for node in sites.fused.values():  # the rewriter gave it the replaced value's name (e.g. vc_apply)
             if not node.outputs[0].is_graph_output():

@@ -3,7 +3,8 @@
 Per site (X -> MatMul(X, B) -> Y), by recipe:
     Xc, eta = TokenShift(X)               dynamic median/mean shift     | Xc = Sub(X, s)  static/learned
     Xh      = NMMask(Xc[, channel_scale]) Amber/Wanda factors baked, criterion clact as attribute
-    Z       = MatMul(Xh, B)               the original node, B untouched (Cast/Transpose kept)
+    Z       = MatMul(Xh, B)               the original node, B untouched (Cast/Transpose kept; or the
+                                          site's MatMulNBits: the constants come from its dequantized B)
     Z       = Add(Z, Mul(eta, r))         r = W·1 (dynamic)   | Add(Z, s·B) baked (static/learned)
     Z       = Mul(Z, v)                   variance correction, v = sqrt(var(X)/max(var(X^),1e-9))
     Z       = Add(Mul(Z, 1 + a), b)       learned scale_shift
@@ -17,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nm_onnx.graph.constants import shift_times_weight, site_constants_parallel, weight_constants
+from nm_onnx.graph.sites import QUANT_OP
 from nm_onnx.method import VAR_EPS
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect, tag
@@ -81,8 +83,9 @@ def insert_site(model: ir.Model, plan: SitePlan, opset: int, weight_consts=None,
     site = plan.site
     by_name = by_name if by_name is not None else site_nodes(graph)
     matmul = by_name.get(site.matmul)
-    if matmul is None or matmul.op_type != "MatMul" or matmul.outputs[0].name != site.output:
-        matmul = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
+    op_type = QUANT_OP if site.quant is not None else "MatMul"
+    if matmul is None or matmul.op_type != op_type or matmul.outputs[0].name != site.output:
+        matmul = next(n for n in graph if n.op_type == op_type and n.outputs[0].name == site.output)
     tag(matmul, site, "matmul")
     bias_add = by_name.get(site.bias_add) if site.bias_add else None
     if bias_add is not None:

@@ -1,4 +1,4 @@
-"""The pass pipeline of `nm-onnx transform`: locate -> insert -> [fuse] -> record -> finish (PassManager)."""
+"""The pass pipeline of `nm-onnx transform`: [quantize] -> locate -> insert -> [fuse] -> record -> finish."""
 
 from __future__ import annotations
 
@@ -10,28 +10,36 @@ from nm_onnx.passes.finish import FinishPass
 from nm_onnx.passes.fuse import FusePass
 from nm_onnx.passes.insert import InsertPass
 from nm_onnx.passes.locate import LocatePass
+from nm_onnx.passes.quantize import QuantizePass
 from nm_onnx.passes.record import RecordPass
 
 __all__ = ["PassReport", "SitePlan", "build_pipeline", "run_pipeline"]
 
 
-def build_pipeline(recipe, calibration=None, fuse: bool = True, portable: bool = False, check: bool = True):
-    """(PassManager, PassReport): the passes in order, sharing one report."""
+def build_pipeline(recipe, calibration=None, fuse: bool = True, portable: bool = False, check: bool = True,
+                   quantize: tuple[int, int, bool] | None = None):
+    """(PassManager, PassReport): the passes in order, sharing one report.
+
+    `quantize` = (bits, block size, symmetric): quantize the float linear sites first (QuantizePass).
+    """
     report = PassReport()
     locate = LocatePass(recipe, calibration, report)
-    passes = [locate, InsertPass(locate)]
+    quantizer = QuantizePass(*quantize) if quantize else None
+    passes = [quantizer] if quantizer else []
+    passes += [locate, InsertPass(locate)]
     if fuse:
         passes.append(FusePass(report))
     passes.append(RecordPass(locate, report))
     digest = calibration.digest() if calibration is not None else None
-    passes.append(FinishPass(recipe, digest, portable=portable, check=check))
+    passes.append(FinishPass(recipe, digest, portable=portable, check=check,
+                             quantized=quantizer.describe() if quantizer else None))
     return ir.passes.PassManager(passes), report
 
 
 def run_pipeline(model: ir.Model, recipe, calibration=None, fuse: bool = True, portable: bool = False,
-                 check: bool = True) -> PassReport:
+                 check: bool = True, quantize: tuple[int, int, bool] | None = None) -> PassReport:
     """Rewrite `model` in place; returns what was done per site."""
-    manager, report = build_pipeline(recipe, calibration, fuse, portable, check)
+    manager, report = build_pipeline(recipe, calibration, fuse, portable, check, quantize)
     try:
         manager(model)
     except ir.passes.PassError as e:  # PassManager wraps errors: surface a user error as itself

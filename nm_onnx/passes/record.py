@@ -8,7 +8,8 @@ groups the nodes by tag and writes one record per site:
     input                                 the activation value X the site reads
     output                                the one value the site's nodes hand to the rest of the graph
     nodes                                 the names of the site's nodes, in graph order
-    op, fused                             NMSparseMatMul (fused) or NMMask (unfused)
+    op, fused                             NMSparseMatMul[NBits] (fused) or NMMask (unfused)
+    quant                                 None, or {bits, block_size, symmetric} of a quantized site
     n, m, criterion, shift, variance_correction, scale_shift
     constants                             the initializers the site's nodes read (weights included)
 
@@ -25,7 +26,7 @@ import json
 import onnx_ir as ir
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.ops.schemas import DOMAIN
+from nm_onnx.ops.schemas import DOMAIN, NM_MASK, SPARSE_MATMULS
 from nm_onnx.passes.common import SITE_KEY, PassReport, SitePlan
 
 SITES_KEY = "nm_onnx.sites"  # model metadata: JSON list of site records
@@ -63,15 +64,18 @@ def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
             f"internal: site '{site.module}' hands {len(leaving)} values to the rest of the graph "
             f"({leaving[:4]}), expected exactly 1"
         )
-    sparse = [n for n in nodes if n.domain == DOMAIN and n.op_type in ("NMSparseMatMul", "NMMask")]
+    sparse = [n for n in nodes if n.domain == DOMAIN and n.op_type in (*SPARSE_MATMULS, NM_MASK)]
     if len(sparse) != 1:
         raise NmOnnxError(f"internal: site '{site.module}' has {len(sparse)} NMMask/NMSparseMatMul nodes")
+    quant = site.quant
     constants = sorted({v.name for n in nodes for v in n.inputs
                         if v is not None and (v.is_initializer() or v.const_value is not None)})
     return {
         "module": site.module, "kind": site.kind, "layer": site.layer, "k": site.k, "o": site.o,
         "input": site.input, "output": leaving[0], "nodes": [n.name for n in nodes],
-        "op": sparse[0].op_type, "fused": sparse[0].op_type == "NMSparseMatMul",
+        "op": sparse[0].op_type, "fused": sparse[0].op_type in SPARSE_MATMULS,
+        "quant": None if quant is None else {"bits": quant.bits, "block_size": quant.block_size,
+                                             "symmetric": quant.zero_points is None},
         "n": plan.n, "m": plan.m, "criterion": plan.criterion, "shift": plan.shift,
         "variance_correction": plan.variance_correction, "scale_shift": plan.scale_shift,
         "constants": constants,
