@@ -27,6 +27,7 @@ with the PyTorch reference given the same dequantized weights (`quantized_weight
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.graph.sites import module_call
+from nm_onnx.graph.sites import module_call, site_members
 
 CHECKS = {
     "a": "dense ONNX vs PyTorch logits",
@@ -283,11 +284,18 @@ def _capture_inputs(model, wrappers, window: np.ndarray) -> dict[str, list]:
     return captured
 
 
+def _members(rec) -> tuple[list[str], int]:
+    """(the PyTorch modules a site record computes, which call of them): one module, or a packed ORT GenAI
+    site's projections in column order (its output is theirs concatenated; they read the same input)."""
+    base, occ = module_call(rec["module"])
+    return site_members(base, rec.get("kind", "")), occ
+
+
 def _coverage(records, wrappers) -> list[str]:
     """Failures: sites the ONNX model sparsifies that PyTorch does not, and the other way round."""
-    bases = {module_call(r["module"])[0] for r in records}
+    bases = {m for r in records for m in _members(r)[0]}
     out = [f"{r['module']}: the sparse ONNX model sparsifies it, the recipe does not target it in PyTorch"
-           for r in records if module_call(r["module"])[0] not in wrappers]
+           for r in records if not all(m in wrappers for m in _members(r)[0])]
     out += [f"{p}: the recipe sparsifies it in PyTorch, the sparse ONNX model has no such site"
             for p in wrappers if p not in bases]
     return out
@@ -306,16 +314,20 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
     failures = _coverage(records, wrappers)
     worst_rel, mask_fail, per_site = 0.0, 0, []
     for rec in records[:max_sites] if max_sites else records:
-        base, occ = module_call(rec["module"])
-        calls = captured.get(base, [])
-        if occ >= len(calls):
-            if base in wrappers:
+        members, occ = _members(rec)
+        calls = captured.get(members[0], [])
+        if occ >= len(calls) or not all(m in wrappers for m in members):
+            if members[0] in wrappers:
                 failures.append(f"{rec['module']}: PyTorch called the module {len(calls)} time(s)")
             per_site.append({"site": rec["module"], "error": "no PyTorch input"})
             continue
         sub = extract_site(sparse, rec["input"], rec["output"])
         x = calls[occ]
-        y_t, nz_t = torch_site_reference(wrappers[base], x)
+        refs = [torch_site_reference(wrappers[m], x) for m in members]  # a packed site: same x, one mask
+        y_t, nz_t = np.concatenate([y for y, _ in refs], axis=-1), refs[0][1]
+        if any((nz != nz_t).any() for _, nz in refs[1:]):
+            failures.append(f"{rec['module']}: its projections choose different masks in PyTorch (per-projection "
+                            "channel factors), which one packed site cannot express")
         y_o, nz_o = onnx_site_mask(sub, x.float().numpy())
         rel = float(np.abs(y_o - y_t).max() / max(float(np.abs(y_t).max()), 1e-30))
         diff = int((nz_o != nz_t).sum())
@@ -365,7 +377,7 @@ def simulate_weights(model, weights: dict[str, np.ndarray]) -> dict:
     import torch
 
     saved = {}
-    for path, w in weights.items():
+    for path, w in _split_packed(model, weights).items():
         mod = model.get_submodule(path)
         if tuple(mod.weight.shape) != w.shape:
             raise NmOnnxError(f"site '{path}': the sparse model's weight is {list(w.shape)}, the PyTorch module's "
@@ -375,14 +387,52 @@ def simulate_weights(model, weights: dict[str, np.ndarray]) -> dict:
     return saved
 
 
+def _split_packed(model, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed ORT GenAI weight (qkv_proj, gate_up_proj: no such PyTorch module) split by rows into its
+    projections, in column order; other weights as they are."""
+    from nm_onnx.graph.sites import PACKED_KINDS, PACKED_MEMBERS
+
+    out = {}
+    for path, w in weights.items():
+        leaf = path.rsplit(".", 1)[-1]
+        kind = next((k for k in PACKED_KINDS if leaf == f"{k}_proj"), None)
+        try:
+            model.get_submodule(path)
+            kind = None
+        except AttributeError:
+            pass
+        if kind is None:
+            out[path] = w
+            continue
+        start = 0
+        for m in site_members(path, kind):
+            rows = model.get_submodule(m).weight.shape[0]
+            out[m] = np.ascontiguousarray(w[start:start + rows])
+            start += rows
+        if start != w.shape[0]:
+            raise NmOnnxError(f"site '{path}': the packed weight has {w.shape[0]} output rows, its projections "
+                              f"{', '.join(PACKED_MEMBERS[kind])} have {start}; validate the model it was built from")
+    return out
+
+
 def restore_weights(model, saved: dict) -> None:
     for path, weight in saved.items():
         model.get_submodule(path).weight = weight
 
 
 # ------------------------------------------------------------------------------------------ (c)
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (same filesystem) or a copy: ORT refuses external data reached through a symlink
+    that leaves the model's folder ("External data path escapes model directory")."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _exposing_session(sparse_path, names: list[str]):
-    """(session, temp dir) of the sparse model with extra graph outputs `names` (weights not copied)."""
+    """(session, temp dir) of the sparse model with extra graph outputs `names` (weights hard-linked when
+    the temp dir is on their filesystem, copied otherwise)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -397,8 +447,12 @@ def _exposing_session(sparse_path, names: list[str]):
             proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
             have.add(name)
     tmp = tempfile.TemporaryDirectory(prefix="nm-onnx-validate-")
+    from nm_onnx import genai
+
+    if genai.is_genai_dir(src.parent):  # its config gives the feeds the KV head size
+        shutil.copy2(src.parent / genai.CONFIG, Path(tmp.name) / genai.CONFIG)
     for loc in {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}:
-        os.symlink((src.parent / loc).resolve(), Path(tmp.name) / loc)
+        _link_or_copy((src.parent / loc).resolve(), Path(tmp.name) / loc)
     onnx.save(proto, str(Path(tmp.name) / "model.onnx"))
     return make_session(Path(tmp.name) / "model.onnx"), tmp
 
@@ -451,15 +505,16 @@ def check_teacher_forced(sparse_path, model, window: np.ndarray) -> CheckResult:
     own = _capture_inputs(model, wrappers, window)
     flips, entries = 0, 0
     for rec in records:
-        base, occ = module_call(rec["module"])
-        if occ < len(own.get(base, [])):
+        members, occ = _members(rec)
+        base = members[0]
+        if base in wrappers and occ < len(own.get(base, [])):
             _, nz = torch_site_reference(wrappers[base], own[base][occ])
             flips += int((nz != masks[rec["module"]]).sum())
             entries += nz.size
     for rec in records:
-        base, _ = module_call(rec["module"])
-        if base in wrappers:
-            wrappers[base].forced_masks.append(torch.from_numpy(masks[rec["module"]]))
+        for m in _members(rec)[0]:  # a packed site's one mask is every projection's
+            if m in wrappers:
+                wrappers[m].forced_masks.append(torch.from_numpy(masks[rec["module"]]))
     try:
         with torch.inference_mode():
             logits_t = model(input_ids=torch.from_numpy(window[None, :]), use_cache=False).logits.float().numpy()
@@ -623,6 +678,31 @@ class ValidationReport:
         return d
 
 
+def _int8_activation_nodes(path) -> int:
+    """MatMulNBits nodes of a model that quantize their activations (accuracy_level 4: int8 dot products)."""
+    from onnx import helper
+
+    from nm_onnx.graph.load import read_proto
+
+    proto = read_proto(path, check_external=False)
+    return sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits" and any(
+        a.name == "accuracy_level" and helper.get_attribute_value(a) == 4 for a in n.attribute))
+
+
+def _explain_int8_activations(results, dense, sparse) -> None:
+    """A failed logits check of a model whose MatMulNBits quantize activations says so: the reference
+    simulates the dequantized weights, not int8 activations (validate the sites with (b))."""
+    for r in results:
+        if r.status != FAIL or r.check not in ("a", "c"):
+            continue
+        count = _int8_activation_nodes(dense if r.check == "a" else sparse)
+        if count:
+            r.details.setdefault("failures", []).insert(0, (
+                f"{count} MatMulNBits node(s) of the {'dense' if r.check == 'a' else 'sparse'} model use "
+                "accuracy_level 4 (int8 activations), which the PyTorch reference does not simulate"
+                + (" (nor int4 weights: the dense check compares with the float model)" if r.check == "a" else "")))
+
+
 def validate(dense, sparse, model_source, recipe, calibration=None, checks: str = "abcde",
              seqlen: int = 256, limit: int = 4, data: str = "wikitext2", max_sites: int | None = None,
              model=None, tokenizer=None, bos: str = "auto") -> ValidationReport:
@@ -699,6 +779,7 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
         finally:
             unsparsify_model(model)
             restore_weights(model, saved)
+    _explain_int8_activations(results, dense, sparse)
     order = {c: i for i, c in enumerate(CHECKS)}
     results.sort(key=lambda r: order[r.check])
     return ValidationReport(str(dense), str(sparse), str(model_source), rec.name,

@@ -358,3 +358,29 @@ def test_smollm2_genai_export_og_tokenizer_and_generation(tmp_path):
     assert hf.decode(og_greedy(dense, prompt, 3)).startswith(" Paris.")
     transform(dense, tmp_path / "s", "8:16-median-shift")
     assert og_greedy(tmp_path / "s", prompt, 8) == ort_greedy(tmp_path / "s", prompt, 8)[0]
+
+
+@needs_library
+def test_validate_on_genai_dirs_fp32_and_int4(tmp_path):
+    """`validate` takes GenAI directories: a packed site (qkv_proj) is checked against its q/k/v modules
+    (one input, their outputs concatenated, one mask); an int4 build's sites against the reference on
+    the dequantized weights, exactly; the logits checks of the int4 build say why they cannot hold."""
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import validate
+
+    hf = tiny_hf("llama")
+    got = {}
+    for precision in ("fp32", "int4"):
+        dense = tiny_genai("llama", precision=precision)
+        out = tmp_path / precision
+        transform(dense, out, "8:16-median-shift")
+        report = validate(dense, out, hf, "8:16-median-shift", checks="abc", seqlen=48, limit=1)
+        got[precision] = {r.check: r for r in report.results}
+    fp32, int4 = got["fp32"], got["int4"]
+    assert all(r.status == "PASS" for r in fp32.values()), [r.line() for r in fp32.values()]
+    assert fp32["b"].details["sites"] == 10 and "qkv_proj" in fp32["b"].details["per_site"][0]["site"]
+    assert int4["b"].status == "PASS" and int4["b"].details["sites_with_mask_mismatch"] == 0
+    assert int4["b"].value <= 1e-5
+    for check in ("a", "c"):  # int8 activations of the dense int4 lm_head (and int4 weights in (a))
+        assert int4[check].status == "FAIL"
+        assert "accuracy_level 4 (int8 activations)" in int4[check].details["failures"][0]

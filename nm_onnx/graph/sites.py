@@ -30,6 +30,8 @@ from nm_onnx.genai import PRODUCER as GENAI_PRODUCER
 
 KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
 PACKED_KINDS = ("qkv", "gate_up")  # one MatMul for several Hugging Face projections (ORT GenAI builds)
+# the Hugging Face projections a packed site concatenates, in the order of its output columns
+PACKED_MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 _KIND_BY_NAME = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "lm_head",
@@ -73,6 +75,15 @@ class LinearSite:
         d = asdict(self)
         d["via"] = list(self.via)
         return d
+
+
+def site_members(module: str, kind: str) -> list[str]:
+    """The Hugging Face modules a site computes: [module], or a packed site's projections in column order
+    ('model.layers.0.self_attn.qkv_proj' -> [....q_proj, ....k_proj, ....v_proj])."""
+    if kind not in PACKED_MEMBERS:
+        return [module]
+    parent = module.rsplit(".", 1)[0]
+    return [f"{parent}.{leaf}" for leaf in PACKED_MEMBERS[kind]]
 
 
 def module_call(module: str) -> tuple[str, int]:
