@@ -167,8 +167,8 @@ def machine() -> str:
 
 
 def table(rows) -> str:
-    lines = ["| threads | bits | K x N | MatMulNBits acc4 ms | MatMulNBits acc0 ms | NMSparseMatMulNBits 8:16 ms "
-             "| ratio vs acc4 | ratio vs acc0 | GB/s acc4 / acc0 / sparse | bound ratio | copies | repeats |",
+    lines = [("| threads | bits | K x N | MatMulNBits acc4 ms | MatMulNBits acc0 ms | NMSparseMatMulNBits 8:16 ms "
+              "| ratio vs acc4 | ratio vs acc0 | GB/s acc4 / acc0 / sparse | bound ratio | copies | repeats |"),
              "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['threads']} | {r['bits']} | {r['K']}x{r['O']} | {r['acc4_ms']:.3f} | {r['acc0_ms']:.3f} | "

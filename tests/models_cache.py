@@ -8,7 +8,6 @@ leaves a half-written cache entry.
 from __future__ import annotations
 
 import fcntl
-import shutil
 from pathlib import Path
 
 from nm_onnx.export import export

@@ -56,7 +56,7 @@ def check_case(session, rng, t, nm, groups, o, bits, block_size, symmetric, kind
                threads=1):
     n, m = nm
     names, feeds, kw, wd = nbits_case(rng, t, m * groups, o, bits, block_size, symmetric, kind, dtype, use)
-    attrs = dict(n=n, m=m, bits=bits, block_size=block_size, shift=shift, variance_correction=vc)
+    attrs = {"n": n, "m": m, "bits": bits, "block_size": block_size, "shift": shift, "variance_correction": vc}
     y = session(OP, names, ["Y"], dtype, threads=threads, **attrs).run(None, feeds)[0]
     expected = ref.nm_sparse_matmul_nbits(feeds["X"], feeds["B"], feeds["scales"], feeds.get("zero_points"),
                                           n, m, bits, block_size, shift, vc, **kw)
@@ -95,7 +95,7 @@ def test_one_and_two_threads_identical(t):
     for bits, symmetric in ((4, True), (8, False)):
         rng = np.random.default_rng(t)
         names, feeds, _, _ = nbits_case(rng, t, 320, 1030, bits, 32, symmetric, "special", use=(True, True, True))
-        attrs = dict(n=8, m=16, bits=bits, block_size=32, shift="median", variance_correction=1)
+        attrs = {"n": 8, "m": 16, "bits": bits, "block_size": 32, "shift": "median", "variance_correction": 1}
         one = kernel_session(OP, names, ["Y"], threads=1, **attrs).run(None, feeds)[0]
         two = kernel_session(OP, names, ["Y"], threads=2, **attrs).run(None, feeds)[0]
         assert_same(one, two)
@@ -106,10 +106,10 @@ def test_wide_rows_and_nan_inf_in_kept_entries():
     """A decode-sized layer (several chunks, split-K) and a kept inf / NaN: NaN and inf entries as the reference."""
     rng = np.random.default_rng(3)
     for bits in (4, 8):
-        names, feeds, kw, wd = nbits_case(rng, 2, 1024, 20000, bits, 64, bits == 8)
+        names, feeds, _kw, wd = nbits_case(rng, 2, 1024, 20000, bits, 64, bits == 8)
         x = feeds["X"]
         x[0, 5], x[1, 700] = np.inf, np.nan
-        attrs = dict(n=2, m=4, bits=bits, block_size=64)
+        attrs = {"n": 2, "m": 4, "bits": bits, "block_size": 64}
         y = kernel_session(OP, names, ["Y"], **attrs).run(None, feeds)[0]
         expected = ref.nm_sparse_matmul_nbits(x, feeds["B"], feeds["scales"], feeds.get("zero_points"), 2, 4, bits,
                                               64)

@@ -11,7 +11,14 @@ from __future__ import annotations
 from onnx.reference.op_run import OpRun
 
 from nm_onnx.ops import reference as ref
-from nm_onnx.ops.schemas import DOMAIN, NM_MASK, NM_SPARSE_MATMUL, NM_SPARSE_MATMUL_NBITS, SCHEMAS, TOKEN_SHIFT
+from nm_onnx.ops.schemas import (
+    DOMAIN,
+    NM_MASK,
+    NM_SPARSE_MATMUL,
+    NM_SPARSE_MATMUL_NBITS,
+    SCHEMAS,
+    TOKEN_SHIFT,
+)
 
 # The numpy reference of each op, called with the table's input and attribute names.
 _REFERENCE = {
