@@ -326,20 +326,30 @@ void nm_mask_t(const void* xv, const void* csv, void* yv, int64_t T_, int64_t K,
   check(cudaGetLastError(), "NMMask CUDA kernel");
 }
 
+// The row steps both sparse matmuls share: per-token shift eta, the shifted and pruned rows xh, the keep
+// mask and (with variance correction) the factor v, all on the stream, in scratch that lives as long as this.
+struct Selection {
+  Scratch eta, v, xh, keep;
+  template <typename T>
+  Selection(const T* x, const void* csv, int64_t T_, int64_t K, const NMSparseMatMulAttrs& p, cudaStream_t s)
+      : eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s) {
+    row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
+                                                                       eta.as<float>());
+    if (K > 0)
+      nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv),
+                                                                nullptr, T_ * K, K, p.n, p.m, nullptr,
+                                                                xh.as<float>(), keep.as<uint8_t>());
+    if (p.variance_correction)
+      variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
+  }
+};
+
 template <typename T>
 void nm_sparse_matmul_t(const void* xv, const void* bv, const void* csv, const void* sbv, const void* biasv, void* yv,
                         int64_t T_, int64_t K, int64_t O, const NMSparseMatMulAttrs& p, cudaStream_t s) {
   if (T_ * O == 0) return;
-  const T* x = static_cast<const T*>(xv);
-  Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
-                                                                     eta.as<float>());
-  if (K > 0)
-    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv), nullptr,
-                                                              T_ * K, K, p.n, p.m, nullptr, xh.as<float>(),
-                                                              keep.as<uint8_t>());
-  if (p.variance_correction)
-    variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
+  const Selection sel(static_cast<const T*>(xv), csv, T_, K, p, s);
+  const Scratch &eta = sel.eta, &v = sel.v, &xh = sel.xh, &keep = sel.keep;
   const T* b = static_cast<const T*>(bv);
   const T* sb = static_cast<const T*>(sbv);
   const T* bias = static_cast<const T*>(biasv);
@@ -366,16 +376,8 @@ void nm_sparse_matmul_nbits_t(const void* xv, const uint8_t* b, const float* sca
                               const void* csv, const void* sbv, const void* biasv, void* yv, int64_t T_, int64_t K,
                               int64_t O, const NMSparseMatMulNBitsAttrs& p, cudaStream_t s) {
   if (T_ * O == 0) return;
-  const T* x = static_cast<const T*>(xv);
-  Scratch eta(sizeof(float) * T_, s), v(sizeof(float) * T_, s), xh(sizeof(float) * T_ * K, s), keep(T_ * K, s);
-  row_shift_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, T_, K, static_cast<int>(p.shift),
-                                                                     eta.as<float>());
-  if (K > 0)
-    nm_keep_kernel<T><<<blocks_for(T_ * K), kThreads, 0, s>>>(x, eta.as<float>(), static_cast<const T*>(csv), nullptr,
-                                                              T_ * K, K, p.n, p.m, nullptr, xh.as<float>(),
-                                                              keep.as<uint8_t>());
-  if (p.variance_correction)
-    variance_kernel<T><<<blocks_for(T_ * kThreads), kThreads, 0, s>>>(x, xh.as<float>(), T_, K, v.as<float>());
+  const Selection sel(static_cast<const T*>(xv), csv, T_, K, p, s);
+  const Scratch &eta = sel.eta, &v = sel.v, &xh = sel.xh, &keep = sel.keep;
   sparse_gemm_nbits_kernel<T><<<blocks_for(T_ * O), kThreads, 0, s>>>(
       xh.as<float>(), keep.as<uint8_t>(), b, scales, zp, p.bits, p.block_size, eta.as<float>(),
       static_cast<const T*>(sbv), p.variance_correction ? v.as<float>() : nullptr, static_cast<const T*>(biasv), T_, K,

@@ -23,7 +23,7 @@ from nm_onnx.errors import NmOnnxError
 from nm_onnx.graph.constants import load_weight, release_weight
 from nm_onnx.graph.sites import QUANT_DOMAIN, QUANT_OP, find_linear_sites
 from nm_onnx.ops import nbits
-from nm_onnx.passes.common import activation_dtype
+from nm_onnx.passes.common import activation_dtype, constant
 
 QUANTIZE_CHOICES = {"int4": 4, "int8": 8}
 QUANTIZE_KEY = "nm_onnx.quantize"  # model metadata: how transform quantized the float sites
@@ -58,18 +58,18 @@ class QuantizePass(ir.passes.InPlacePass):
         check_not_transformed(model)
         graph = model.graph
         by_name = {n.name: n for n in graph if n.name}
-        changed = False
+        weights = []  # the float weight each replaced MatMul read (possibly through Cast/Transpose)
         for site in find_linear_sites(model):
             if site.quant is not None:
                 continue
             node = by_name.get(site.matmul)
             if node is None or node.outputs[0].name != site.output:
                 node = next(n for n in graph if n.op_type == "MatMul" and n.outputs[0].name == site.output)
+            weights.append(node.inputs[1])
             self._replace(model, site, node)
-            changed = True
-        if changed:
-            _remove_dead(graph)
-        return ir.passes.PassResult(model, changed)
+        for value in weights:
+            _drop_if_unread(graph, value)
+        return ir.passes.PassResult(model, bool(weights))
 
     def _replace(self, model: ir.Model, site, node: ir.Node) -> None:
         w = load_weight(model, site)  # W [O, K]
@@ -82,21 +82,13 @@ class QuantizePass(ir.passes.InPlacePass):
             del w
             release_weight(model, site)
         dtype = activation_dtype(node)
-        prefix = f"{site.module}.MatMul.weight"
         suffix = f"Q{self.bits}"
 
-        def init(name, array):
-            tensor = ir.tensor(array, name=name)
-            value = ir.Value(name=name, const_value=tensor)
-            value.type = ir.TensorType(tensor.dtype)
-            value.shape = ir.Shape(list(array.shape))
-            model.graph.register_initializer(value)
-            return value
-
-        inputs = [node.inputs[0], init(f"{prefix}_{suffix}", q.b),
-                  init(f"{prefix}_scales", q.scales.astype(dtype.numpy()))]
+        graph = model.graph
+        inputs = [node.inputs[0], constant(graph, site, f"MatMul.weight_{suffix}", q.b, ir.DataType.UINT8),
+                  constant(graph, site, "MatMul.weight_scales", q.scales, dtype)]
         if q.zero_points is not None:
-            inputs.append(init(f"{prefix}_zero_points", q.zero_points))
+            inputs.append(constant(graph, site, "MatMul.weight_zero_points", q.zero_points, ir.DataType.UINT8))
         name = f"{node.name}_{suffix}" if node.name else f"{site.module}/MatMul_{suffix}"
         new = ir.node(QUANT_OP, inputs, domain=QUANT_DOMAIN, name=name,
                       attributes={"K": site.k, "N": site.o, "bits": self.bits, "block_size": self.block_size,
@@ -105,7 +97,6 @@ class QuantizePass(ir.passes.InPlacePass):
         out = node.outputs[0]
         new.outputs[0].type = out.type
         new.outputs[0].shape = out.shape
-        graph = model.graph
         graph.insert_before(node, new)
         kept_name = out.name  # the site's output keeps its name (and a graph output its place)
         out.name = f"{kept_name}/dense"
@@ -115,16 +106,17 @@ class QuantizePass(ir.passes.InPlacePass):
         model.opset_imports.setdefault(QUANT_DOMAIN, 1)
 
 
-def _remove_dead(graph: ir.Graph) -> None:
-    """Drop the Cast/Transpose/Identity nodes and the initializers that no node reads any more."""
-    again = True
-    while again:
-        again = False
-        for n in reversed(list(graph)):
-            if n.op_type in ("Cast", "Transpose", "Identity") and not any(
-                    o.uses() or o.is_graph_output() for o in n.outputs):
-                graph.remove(n, safe=True)
-                again = True
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-            del graph.initializers[name]
+def _drop_if_unread(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove a replaced weight nothing reads any more: its Cast/Transpose/Identity chain and initializer
+    (a tied embedding still read by its Gather stays; nothing else of the graph is touched)."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        prod = value.producer()
+        if prod is None:
+            if value.is_initializer() and not value.is_graph_input():
+                del graph.initializers[value.name]
+            return
+        if prod.op_type not in ("Cast", "Transpose", "Identity") or len(prod.outputs) != 1:
+            return
+        source = prod.inputs[0]
+        graph.remove(prod, safe=True)
+        value = source
