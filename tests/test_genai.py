@@ -303,6 +303,23 @@ def test_evaluate_genai_dir_equals_the_optimum_export():
     assert abs(got["perplexity"] / ref["perplexity"] - 1) < 1e-4, (got, ref)
 
 
+def test_lm_eval_batch_on_a_genai_dir_equals_batch_one():
+    """GenAI's GroupQueryAttention refuses a past with several new tokens at batch > 1, so the lm-eval
+    adapter scores shared contexts of a GenAI graph on the padded path: batch 4 runs, equals batch 1."""
+    from nm_onnx.evaluation.lm_eval_adapter import NmOnnxLM
+    from nm_onnx.runtime import make_session
+
+    d = tiny_genai("llama")
+    sess = make_session(d)
+    reqs = [(("", ""), context, cont) for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302])
+            for cont in ([3], [9, 10], [11, 12, 13])]
+    lms = [NmOnnxLM(session=sess, tokenizer=str(d), batch_size=bs) for bs in (1, 4)]
+    assert lms[1]._shared_contexts(reqs) == ([], list(range(len(reqs))))
+    one, four = (lm._loglikelihood_tokens(reqs, disable_tqdm=True) for lm in lms)
+    for (a, ga), (b, gb) in zip(one, four):
+        assert abs(a - b) < 1e-4 and ga == gb
+
+
 def test_calibrated_recipe_on_packed_sites_is_refused(tmp_path):
     """Calibration constants are per Hugging Face projection; a packed site has none: one clear line."""
     from nm_onnx.calibration.artifact import CalibrationArtifact

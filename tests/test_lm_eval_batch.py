@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lm_eval
+import numpy as np
 import pytest
 from models_cache import tiny_export
 
@@ -67,6 +68,92 @@ def test_batched_accuracies_identical(models, kind):
         return r["acc,none"], r["acc_norm,none"]
 
     assert acc(1) == acc(8)
+
+
+def _lm(path, batch_size, max_length=128, session=None):
+    sess = session or make_session(path)
+    return NmOnnxLM(session=sess, tokenizer=str(tiny_export("llama")), max_length=max_length, batch_size=batch_size)
+
+
+def _greedy(lm, context, n):
+    """The n tokens batch-1 greedy decoding appends to `context` (a continuation scored as greedy)."""
+    ids = list(context)
+    for _ in range(n):
+        ids.append(int(lm._logprobs(ids)[-1].argmax()))
+    return ids[len(context):]
+
+
+@pytest.fixture(scope="module")
+def shared_requests(models):
+    """Token-id requests (max_length 32), several continuations per context, in shuffled order.
+
+    Shared: a 4-choice question (+ a greedy choice), a 3-choice one and one exactly at max_length.
+    Not shared: a 1-token context, a context cut on the left, a group with one choice too long,
+    a context seen once."""
+    rng = np.random.default_rng(0)
+
+    def ids(n):
+        return [int(x) for x in rng.integers(3, 512, n)]
+
+    lm = _lm(models["dense"], 1)
+    groups = []
+    for context, lengths, n_greedy in [
+        (ids(12), [1, 3, 2, 5], 3),
+        (ids(7), [4, 4, 1], 2),
+        (ids(30), [3, 1, 2], 0),  # 30 + 3 = max_length + 1: fits, uncut
+        (ids(1), [2, 3, 1], 2),
+        (ids(40), [2, 3, 2, 4], 0),  # cut on the left
+        (ids(28), [2, 6], 0),  # 28 + 6 > max_length + 1: the whole group takes the padded path
+        (ids(9), [3], 0),
+    ]:
+        conts = [ids(n) for n in lengths] + ([_greedy(lm, context, n_greedy)] if n_greedy else [])
+        groups += [(context, c) for c in conts]
+    return [(("", ""), groups[i][0], groups[i][1]) for i in rng.permutation(len(groups))]
+
+
+@pytest.mark.parametrize("kind", ["dense", "magnitude"])
+@pytest.mark.parametrize("bs", [3, 4])
+def test_shared_contexts_equal_batch_one(models, shared_requests, kind, bs):
+    one = _lm(models[kind], 1, max_length=32)._loglikelihood_tokens(shared_requests, disable_tqdm=True)
+    lm = _lm(models[kind], bs, max_length=32)
+    shared, rest = lm._shared_contexts(shared_requests)
+    assert sorted(len(g) for g in shared) == [3, 4, 5] and len(rest) == 11  # both paths are taken
+    got = lm._loglikelihood_tokens(shared_requests, disable_tqdm=True)
+    assert len(got) == len(one)
+    for (a, ga), (b, gb) in zip(one, got):
+        assert abs(a - b) < 1e-4, (kind, bs, a, b)
+        assert ga == gb
+    if kind == "dense":
+        assert sum(g for _, g in one) >= 3  # the greedy choices (and 1-token ones that happen to match)
+
+
+class _CountingSession:
+    """A real ORT session that counts its run calls."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name):  # get_inputs, get_outputs, get_modelmeta, ...
+        return getattr(self.session, name)
+
+
+def test_shared_context_runs_once_per_question(models):
+    rng = np.random.default_rng(1)
+    reqs = [(("", ""), context, [int(x) for x in rng.integers(3, 512, n)])
+            for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302, 303])
+            for n in (1, 2, 3, 4)]
+    results, runs = [], []
+    for bs in (1, 4):
+        sess = _CountingSession(make_session(models["dense"]))
+        results.append(_lm(None, bs, session=sess)._loglikelihood_tokens(reqs, disable_tqdm=True))
+        runs.append(sess.runs)
+    assert runs == [8, 4]  # batch 4: per question, one prefix call and one call over its 4 choices
+    for (a, ga), (b, gb) in zip(*results):
+        assert abs(a - b) < 1e-4 and ga == gb
 
 
 def test_clact_model_stays_at_batch_one(models, capsys):

@@ -24,6 +24,11 @@ def has_kv_cache(session) -> bool:
     return any(i.name.startswith("past_key_values") for i in session.get_inputs())
 
 
+def is_genai(session) -> bool:
+    """True for an ORT GenAI graph (nm_onnx.runtime.make_session read its genai_config.json)."""
+    return getattr(session, "nm_onnx_head_size", None) is not None
+
+
 def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     past = {}
     head = getattr(session, "nm_onnx_head_size", None)

@@ -6,16 +6,24 @@ there), so any entry point that imports it can use `--model nm-onnx --model_args
 `nm-onnx evaluate MODEL --tasks arc_easy,piqa`, or `lm_eval.simple_evaluate(model="nm-onnx", ...)`
 after `import nm_onnx.evaluation.lm_eval_adapter`.
 
-Batching (model arg `batch_size`, default 1): loglikelihood requests are sorted by length (longest
-first, as lm-eval's hf model does), cut into batches and right-padded; the attention mask stays all
-ones, so causal attention keeps every real token from seeing the pads behind it (lm-eval's hf model
-passes no mask either) and the real rows' logits are those of batch 1. The per-token masks of the
-magnitude, Amber and Wanda criteria depend on the token's own row only, so a sparse model of those
-gives the same log-likelihoods batched (tests/test_lm_eval_batch.py: within 1e-4, same accuracies).
-A clact site ranks by column norms over *all* tokens of the call (pads and other rows included),
-so a model with any criterion outside those three (read from the site records in the model's
-metadata) is scored at batch 1, and the adapter says so on stderr. Rolling windows and generation
-stay at batch 1.
+Batching (model arg `batch_size`, default 1): requests that share their context (a multiple-choice
+question's choices) and have a KV cache to share it on are scored on one prefix: the context minus
+its last token runs once, at batch 1, and its KV cache, repeated along the batch axis, is the past
+of one call over the group's rows [last context token, continuation minus its last token] (at most
+batch_size rows a call, right-padded). Each row then attends to exactly the tokens it would see in
+its own full forward, at the same positions, so its logits are those of batch 1 up to float
+rounding; an ARC question's context runs once instead of once per choice. The other requests
+(1-token contexts, contexts seen once, requests cut on the left to max_length, models without KV
+cache and ORT GenAI graphs, whose GroupQueryAttention takes a past with several new tokens only at
+batch 1) are sorted by length (longest first, as lm-eval's hf model does), cut into batches and
+right-padded. In both, the attention mask stays all ones, so causal attention keeps every real token
+from seeing the pads behind it (lm-eval's hf model passes no mask either). The per-token masks of
+the magnitude, Amber and Wanda criteria depend on the token's own row only, so a sparse model of
+those gives the same log-likelihoods batched or on a shared prefix (tests/test_lm_eval_batch.py:
+within 1e-4, same accuracies). A clact site ranks by column norms over *all* tokens of the call
+(pads, other rows, and a split prefix change them), so a model with any criterion outside those
+three (read from the site records in the model's metadata) is scored at batch 1, and the adapter
+says so on stderr. Rolling windows and generation stay at batch 1.
 Model args: path (an .onnx file or export directory), tokenizer (default: the model's directory),
 threads, max_length (default: max_position_embeddings of the directory's config.json, else 2048),
 bos (auto | always | never; lm-eval's `add_bos_token=True/False` is accepted too), batch_size.
@@ -40,7 +48,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.evaluation.feeds import has_kv_cache, make_feed, present_to_past
+from nm_onnx.evaluation.feeds import has_kv_cache, is_genai, make_feed, present_to_past
 from nm_onnx.evaluation.tokenizer import load_tokenizer
 from nm_onnx.progress import progress
 from nm_onnx.scoring import log_softmax
@@ -133,13 +141,48 @@ class NmOnnxLM(TemplateLM):
         for r, (inp, _) in enumerate(rows):
             ids[r, :len(inp)] = inp
         logits = self.session.run(["logits"], make_feed(self.session, ids))[0]
+        # the continuation's positions only
+        return [_score_row(logits[r, len(inp) - len(tgt):len(inp)], tgt) for r, (inp, tgt) in enumerate(rows)]
+
+    def _score_shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each continuation of one context, on the context's KV cache.
+
+        context[:-1] runs once (batch 1); then each chunk of batch_size rows
+        [context[-1], *continuation[:-1]] (right-padded) runs on that cache repeated along the batch
+        axis, and a row's logits at 0..len(continuation)-1 predict its continuation."""
+        sess = self.session
+        past = present_to_past(sess, sess.run(None, make_feed(sess, np.asarray(context[:-1])[None, :])))
         out = []
-        for r, (inp, tgt) in enumerate(rows):
-            n = len(tgt)
-            lp = log_softmax(logits[r, len(inp) - n:len(inp)])  # the continuation's positions only
-            tgt = np.asarray(tgt)
-            out.append((float(lp[np.arange(n), tgt].sum()), bool((lp.argmax(-1) == tgt).all())))
+        for start in range(0, len(continuations), self.batch_size):
+            chunk = continuations[start:start + self.batch_size]
+            ids = np.zeros((len(chunk), max(map(len, chunk))), dtype=np.int64)  # pad id 0 behind each row
+            for r, cont in enumerate(chunk):
+                ids[r, :len(cont)] = [context[-1], *cont[:-1]]
+            rows_past = {name: np.repeat(v, len(chunk), axis=0) for name, v in past.items()}
+            logits = sess.run(["logits"], make_feed(sess, ids, rows_past, len(context) - 1))[0]
+            out += [_score_row(logits[r, :len(cont)], cont) for r, cont in enumerate(chunk)]
         return out
+
+    def _shared_contexts(self, requests) -> tuple[list[list[int]], list[int]]:
+        """Indices of the requests to score on a shared context (one list per context), and the rest.
+
+        A context is shared when batching is on, the model has a KV cache, >= 2 requests have it, it
+        has >= 2 tokens (one to cache, one to start the rows) and none of its requests is cut on the
+        left to max_length (the cut would change the context). Not on ORT GenAI graphs: their
+        GroupQueryAttention takes several new tokens on a past only at batch 1."""
+        if self.batch_size == 1 or not has_kv_cache(self.session) or is_genai(self.session):
+            return [], list(range(len(requests)))
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, _) in enumerate(requests):
+            by_context.setdefault(tuple(context), []).append(i)
+        shared, rest = [], []
+        for context, idx in by_context.items():
+            fits = all(0 < len(requests[i][2]) <= self.max_length + 1 - len(context) for i in idx)
+            if len(idx) > 1 and len(context) > 1 and fits:
+                shared.append(idx)
+            else:
+                rest += idx
+        return shared, rest
 
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         return self._score_batch([(context, continuation)])[0]
@@ -147,17 +190,20 @@ class NmOnnxLM(TemplateLM):
     # ---------------------------------------------------------------- lm-eval API
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         requests = list(requests)
+        shared, rest = self._shared_contexts(requests)
         # longest first (lm-eval hf's order): a batch's first row sets its width, padding stays small
-        order = sorted(range(len(requests)),
-                       key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), tuple(requests[i][1] + requests[i][2])))
+        rest.sort(key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), tuple(requests[i][1] + requests[i][2])))
         bs = self.batch_size
-        chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
+        units = [(True, idx) for idx in shared] + [(False, rest[i:i + bs]) for i in range(0, len(rest), bs)]
         out: list = [None] * len(requests)
-        desc = "loglikelihood (ORT)" + (f", batch {bs}" if bs > 1 else "")
-        bar = progress(chunks, desc, not disable_tqdm, unit="batch")
-        for chunk in bar:
-            scores = self._score_batch([(list(requests[i][1]), list(requests[i][2])) for i in chunk])
-            for i, res in zip(chunk, scores):
+        desc = "loglikelihood (ORT)" + (f", batch {bs}" if bs > 1 else "") + (", shared contexts" if shared else "")
+        bar = progress(units, desc, not disable_tqdm, unit="batch")
+        for is_shared, idx in bar:
+            if is_shared:
+                scores = self._score_shared(list(requests[idx[0]][1]), [list(requests[i][2]) for i in idx])
+            else:
+                scores = self._score_batch([(list(requests[i][1]), list(requests[i][2])) for i in idx])
+            for i, res in zip(idx, scores):
                 if self.cache_hook is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], res)
                 out[i] = res
@@ -217,6 +263,13 @@ class NmOnnxLM(TemplateLM):
             if past_len + 1 > self.max_length:
                 break
         return self.tok_decode(new)
+
+
+def _score_row(logits: np.ndarray, targets: list[int]) -> tuple[float, bool]:
+    """(sum of log-probs, every token greedy) of `targets` under the logits [n, V] that predict them."""
+    lp = log_softmax(logits)
+    tgt = np.asarray(targets)
+    return float(lp[np.arange(len(tgt)), tgt].sum()), bool((lp.argmax(-1) == tgt).all())
 
 
 def _batch_size(value) -> int:
