@@ -127,6 +127,49 @@ def test_shared_contexts_equal_batch_one(models, shared_requests, kind, bs):
         assert sum(g for _, g in one) >= 3  # the greedy choices (and 1-token ones that happen to match)
 
 
+@pytest.fixture(scope="module")
+def many_questions(models):
+    """Token-id requests (max_length 128): 7 questions of 5 to 40 context tokens, 2-4 choices of
+    1 to 6 tokens each (one greedy choice in three questions), in shuffled order: every call mixes
+    questions with pasts of different lengths."""
+    rng = np.random.default_rng(2)
+
+    def ids(n):
+        return [int(x) for x in rng.integers(3, 512, n)]
+
+    lm = _lm(models["dense"], 1)
+    reqs = []
+    for n_context, lengths, n_greedy in [
+        (5, [2, 6, 1], 2),
+        (40, [3, 1], 0),
+        (14, [4, 2, 5, 1], 0),
+        (22, [1, 3, 6], 3),
+        (9, [5, 2], 0),
+        (31, [2, 4, 3, 6], 0),
+        (17, [6, 1], 1),
+    ]:
+        context = ids(n_context)
+        conts = [ids(n) for n in lengths] + ([_greedy(lm, context, n_greedy)] if n_greedy else [])
+        reqs += [(("", ""), context, c) for c in conts]
+    return [reqs[i] for i in rng.permutation(len(reqs))]
+
+
+@pytest.mark.parametrize("kind", ["dense", "magnitude"])
+@pytest.mark.parametrize("bs", [4, 8])
+def test_many_questions_per_call_equal_batch_one(models, many_questions, kind, bs):
+    one = _lm(models[kind], 1)._loglikelihood_tokens(many_questions, disable_tqdm=True)
+    lm = _lm(models[kind], bs)
+    shared, rest = lm._shared_contexts(many_questions)
+    assert len(shared) == 7 and rest == []
+    got = lm._loglikelihood_tokens(many_questions, disable_tqdm=True)
+    assert len(got) == len(one)
+    for (a, ga), (b, gb) in zip(one, got):
+        assert abs(a - b) < 1e-4, (kind, bs, a, b)
+        assert ga == gb
+    if kind == "dense":
+        assert sum(g for _, g in one) >= 3
+
+
 class _CountingSession:
     """A real ORT session that counts its run calls."""
 
@@ -141,19 +184,21 @@ class _CountingSession:
         return getattr(self.session, name)
 
 
-def test_shared_context_runs_once_per_question(models):
+def test_shared_contexts_run_several_questions_per_call(models):
     rng = np.random.default_rng(1)
     reqs = [(("", ""), context, [int(x) for x in rng.integers(3, 512, n)])
-            for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302, 303])
+            for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302, 303], list(range(9, 18)), [60, 61])
             for n in (1, 2, 3, 4)]
     results, runs = [], []
-    for bs in (1, 4):
+    for bs in (1, 4, 16):
         sess = _CountingSession(make_session(models["dense"]))
         results.append(_lm(None, bs, session=sess)._loglikelihood_tokens(reqs, disable_tqdm=True))
         runs.append(sess.runs)
-    assert runs == [8, 4]  # batch 4: per question, one prefix call and one call over its 4 choices
-    for (a, ga), (b, gb) in zip(*results):
-        assert abs(a - b) < 1e-4 and ga == gb
+    # batch 4: one prefix call for the 4 questions, then 4 calls of 4 rows; batch 16: 1 + 1
+    assert runs == [16, 5, 2]
+    for res in results[1:]:
+        for (a, ga), (b, gb) in zip(results[0], res):
+            assert abs(a - b) < 1e-4 and ga == gb
 
 
 def test_clact_model_stays_at_batch_one(models, capsys):
