@@ -209,8 +209,33 @@ def test_tighten_backs_off_until_the_verified_loss_fits():
     rounds, ok = tighten(options, budget, superadditive, max_rounds=5)
     assert ok is not None and rounds[ok][2]["delta_nll"] <= budget and ok >= 1
     bs = [b for b, _, _ in rounds]
-    assert bs[0] == budget and all(b2 <= 0.9 * b1 for b1, b2 in itertools.pairwise(bs))
+    first = next(j for j, (_, _, v) in enumerate(rounds) if v["delta_nll"] <= budget)
+    assert bs[0] == budget and all(b2 <= 0.9 * b1 for b1, b2 in itertools.pairwise(bs[:first + 1]))
     assert all(a.cost <= b + 1e-12 for b, a, _ in rounds)
+    # after the first fit it bisects between the largest fitting and the smallest failing budget
+    assert all(bs[first] < b < bs[first - 1] for b in bs[first + 1:])
+    within = [a.saved for _, a, v in rounds if v["delta_nll"] <= budget]
+    assert rounds[ok][1].saved == max(within)
 
     rounds, ok = tighten(options, budget, lambda a, i: {"delta_nll": 1.0}, max_rounds=3)
-    assert ok is None and len(rounds) == 3
+    # never fits: it shrinks each round and stops early once a smaller budget gives an allocation it tried
+    assert ok is None and 2 <= len(rounds) <= 3
+    assert len({tuple(sorted(a.choice.items())) for _, a, _ in rounds}) == len(rounds)
+
+
+def test_tighten_grows_when_the_verified_loss_is_far_under_the_budget():
+    from nm_onnx.autotune.allocate import allocate, tighten
+
+    options = _table(random.Random(5), groups=12)
+    budget = 0.05
+
+    def subadditive(alloc, i):  # the real loss is a third of the summed predictions
+        return {"delta_nll": alloc.cost / 3}
+
+    rounds, ok = tighten(options, budget, subadditive, max_rounds=4)
+    bs = [b for b, _, _ in rounds]
+    assert bs[0] == budget and bs[1] > bs[0] and len(rounds) >= 2
+    assert rounds[ok][2]["delta_nll"] <= budget
+    assert rounds[ok][1].saved > allocate(options, budget).saved  # it found time the first round left
+    assert rounds[ok][1].saved == max(a.saved for _, a, v in rounds if v["delta_nll"] <= budget)
+    assert len({tuple(sorted(a.choice.items())) for _, a, _ in rounds}) == len(rounds)  # no allocation twice

@@ -119,24 +119,49 @@ def shrink(allocation_budget: float, budget: float, verified: float) -> float:
     return allocation_budget * min(0.9, budget / max(verified, 1e-12))
 
 
+def grow(allocation_budget: float, budget: float, verified: float) -> float:
+    """The next round's allocation budget after a verified loss well under the budget (the summed
+    single-group predictions overestimate the joint loss): scaled by budget / verified, between
+    1.25x and 4x."""
+    return allocation_budget * min(4.0, max(1.25, budget / max(verified, 1e-12)))
+
+
 def tighten(options: dict[str, list[Option]], budget: float, verify, max_rounds: int = 3):
-    """Allocate, verify, and shrink the allocation budget until the verified loss fits.
+    """Search the allocation budget whose allocation saves the most time with a verified loss within `budget`.
 
     `verify(allocation, round) -> dict | None` measures an allocation end to end (a dict with
-    `delta_nll`) or returns None when it cannot be expressed (every group dense). Returns
-    (rounds, accepted): rounds = [(allocation budget, Allocation, verified dict)], accepted = the
-    index of the first round whose verified loss is within `budget`, or None.
+    `delta_nll`) or returns None when it cannot be expressed (every group dense). Round 0 allocates
+    `budget` itself. After a round over the budget the allocation budget shrinks (`shrink`); after one
+    within it, it grows (`grow`: the single-group predictions add up to more than the joint loss when
+    groups interact sub-additively, which leaves time unsaved); once both a within and an over round
+    exist, it bisects between them (geometric mean). Stops after `max_rounds`, or when a new budget
+    gives an allocation already tried, or when nothing more can be saved. Returns (rounds, accepted):
+    rounds = [(allocation budget, Allocation, verified dict)], accepted = the index of the round
+    within `budget` that saves the most predicted time, or None.
     """
-    rounds, b = [], budget
+    rounds: list = []
+    b, lo, hi = budget, None, None
+    most = sum(max((o.saved for o in opts if o.saved > 0), default=0.0) for opts in options.values())
     for i in range(max_rounds):
         alloc = allocate(options, b)
-        if not alloc.sparse_groups():
+        if not alloc.sparse_groups() or any(a.choice == alloc.choice for _, a, _ in rounds):
             break
         v = verify(alloc, i)
         if v is None:
             break
         rounds.append((b, alloc, v))
         if v["delta_nll"] <= budget:
-            return rounds, len(rounds) - 1
-        b = shrink(b, budget, v["delta_nll"])
-    return rounds, None
+            lo = b
+            if alloc.saved >= most - 1e-12:
+                break  # every group already at its fastest option
+        else:
+            hi = b
+        if hi is None:
+            b = grow(b, budget, v["delta_nll"])
+        elif lo is None:
+            b = shrink(b, budget, v["delta_nll"])
+        else:
+            b = math.sqrt(lo * hi)
+    within = [j for j, (_, a, v) in enumerate(rounds) if v["delta_nll"] <= budget]
+    accepted = max(within, key=lambda j: (rounds[j][1].saved, -j)) if within else None
+    return rounds, accepted

@@ -5,9 +5,11 @@ Pipeline (each step cached in the work directory, so an interrupted run resumes 
   2. sensitivity: predicted loss increase per (group, candidate) on calibration text (`sensitivity`);
   3. speed: measured decode time saved per site shape and candidate (`speed`);
   4. allocation: exact multiple-choice knapsack under the budget in nats (`allocate`);
-  5. verification on evaluation windows through ORT (`verify`); when the verified loss is over the
-     budget the allocation budget shrinks by the overshoot (at least 10%) and steps 4-5 repeat, up to
-     `max_rounds` times;
+  5. verification on evaluation windows through ORT (`verify`); steps 4-5 repeat up to `max_rounds`
+     times, searching the allocation budget (`allocate.tighten`): it shrinks after a verified loss over
+     the budget, grows after one well within it (the summed single-group predictions overestimate the
+     joint loss when groups interact sub-additively), then bisects; the recipe is the within-budget
+     round that saves the most time;
   6. outputs, atomically: recipe.json, report.json, report.md, frontier.csv/.png, the two tables.
 The uniform presets (base recipe with each `uniform` pattern on every site) are verified the same
 way for the frontier plot. Imports torch (the sensitivity uses the PyTorch reference).
