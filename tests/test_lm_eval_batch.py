@@ -187,15 +187,21 @@ class _CountingSession:
 def test_shared_contexts_run_several_questions_per_call(models):
     rng = np.random.default_rng(1)
     reqs = [(("", ""), context, [int(x) for x in rng.integers(3, 512, n)])
-            for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302, 303], list(range(9, 18)), [60, 61])
+            for context in ([5, 17, 42, 99, 7, 8], [300, 301, 302, 303, 304, 305], list(range(9, 15)),
+                            [60, 61, 62, 63, 64, 65])
             for n in (1, 2, 3, 4)]
     results, runs = [], []
     for bs in (1, 4, 16):
         sess = _CountingSession(make_session(models["dense"]))
         results.append(_lm(None, bs, session=sess)._loglikelihood_tokens(reqs, disable_tqdm=True))
         runs.append(sess.runs)
-    # batch 4: one prefix call for the 4 questions, then 4 calls of 4 rows; batch 16: 1 + 1
+    # batch 4: one prefix call for the 4 questions (one context length), then 4 calls of 4 rows; batch 16: 1 + 1
     assert runs == [16, 5, 2]
+    # contexts of different lengths never share a call (their rows' pasts would need padding): 1 + 1 each
+    mixed = [(q, c[:k], t) for (q, c, t), k in zip(reqs, [6] * 4 + [5] * 4 + [4] * 4 + [3] * 4)]
+    sess = _CountingSession(make_session(models["dense"]))
+    _lm(None, 16, session=sess)._loglikelihood_tokens(mixed, disable_tqdm=True)
+    assert sess.runs == 8
     for res in results[1:]:
         for (a, ga), (b, gb) in zip(results[0], res):
             assert abs(a - b) < 1e-4 and ga == gb

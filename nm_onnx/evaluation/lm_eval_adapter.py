@@ -8,15 +8,16 @@ after `import nm_onnx.evaluation.lm_eval_adapter`.
 
 Batching (model arg `batch_size`, default 1): requests that share their context (a multiple-choice
 question's choices) and have a KV cache to share it on are scored on one prefix per context, several
-contexts a call. Up to batch_size questions' contexts, each minus its last token, run in one call,
-right-padded with id 0 (causal attention keeps each real token from the pads after it), and each
-context's KV cache is its row, cut to its own length. Then calls of up to batch_size rows [last
+contexts of the same length a call (so no row's past needs padding; padding would move its keys
+along the attention axis and change the softmax's summation order, a rounding change that sparse
+masks can amplify into flips). Up to batch_size questions' contexts, each minus its last token, run
+in one call, and each context's KV cache is its row. Then calls of up to batch_size rows [last
 context token, continuation minus its last token] (rows of several questions, right-padded) run on
-those caches, each padded with zeros at its end to the longest past of the call; the attention mask
-is 0 on those padded past positions and position_ids continue each row's own context. Each row
-then attends to exactly the tokens it would see in its own full forward, at the same positions, so
-its logits are those of batch 1 up to float rounding; at batch 16, 16 four-choice ARC questions
-take 5 calls instead of 64. The other requests (1-token contexts, contexts seen once, requests cut
+those caches, position_ids continuing each row's own context (`_score_rows` also takes pasts of
+different lengths, zero-padded and masked, but the calls are formed so that it never gets them).
+Each row then attends to exactly the tokens it would see in its own full forward, at the same
+positions, so its logits are those of batch 1 (bit for bit on SmolLM2, benchmarks/RESULTS.md); at
+batch 16, 16 four-choice ARC questions of one context length take 5 calls instead of 64. The other requests (1-token contexts, contexts seen once, requests cut
 on the left to max_length, models without KV cache, graphs without attention_mask/position_ids
 inputs, and ORT GenAI graphs, whose GroupQueryAttention takes a past with several new tokens only at
 batch 1) are sorted by length (longest first, as lm-eval's hf model does), cut into batches and
@@ -40,6 +41,7 @@ context and of rolling windows is the BOS (else EOS) token.
 
 from __future__ import annotations  # noqa: I001 - nm_onnx.models must be imported before lm_eval
 
+import itertools
 import json
 import math
 import sys
@@ -246,7 +248,12 @@ class NmOnnxLM(TemplateLM):
         # shared contexts longest first too: a call's prefixes and pasts have similar lengths
         shared.sort(key=lambda g: (-len(requests[g[0]][1]), tuple(requests[g[0]][1])))
         bs = self.batch_size
-        units = ([(True, shared[i:i + bs]) for i in range(0, len(shared), bs)]
+        # One call's questions share one context length: rows on a past padded to a longer one would see
+        # their keys at other positions of the attention axis, which changes the summation order of
+        # attention's softmax; a rounding-level change that a sparse model's masks can turn into flips
+        # (SmolLM2 8:16 on arc_easy: 67 of 9501 log-likelihoods moved by up to 2.6 nats with mixed lengths).
+        same_length = [list(g) for _, g in itertools.groupby(shared, key=lambda g: len(requests[g[0]][1]))]
+        units = ([(True, same[i:i + bs]) for same in same_length for i in range(0, len(same), bs)]
                  + [(False, rest[i:i + bs]) for i in range(0, len(rest), bs)])
         out: list = [None] * len(requests)
         desc = "loglikelihood (ORT)" + (f", batch {bs}" if bs > 1 else "") + (", shared contexts" if shared else "")
