@@ -176,8 +176,7 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
                         "dense_nll": table.data["dense_nll"], "check": summary,
                         "true": table.data["true"]},
     }
-    if accepted is not None:
-        verifier.mark_accepted(verified["digest"])
+    verifier.mark_accepted(verified["digest"] if accepted is not None else None, str(budget))
     frontier = [*uniform_points] + [{**v, "kind": "autotune" if v.get("accepted") else "autotune-round"}
                                     for v in verifier.cached_points() if v.get("budget")]
     with atomic_dir(out, "autotune", overwrite, inputs=list(input_paths)) as tmp:

@@ -60,10 +60,12 @@ class Verifier:
         tail = json.dumps([self.eval, self.bench, str(self.export_dir.resolve())], sort_keys=True)[1:]
         return [v for k, v in self.cache.items() if k.endswith(tail) and v.get("label") != "dense"]
 
-    def mark_accepted(self, digest: str) -> None:
-        for k, v in self.cache.items():
-            if v.get("digest") == digest and k.endswith(json.dumps([self.eval, self.bench, str(self.export_dir.resolve())], sort_keys=True)[1:]):
-                v["accepted"] = True
+    def mark_accepted(self, digest: str | None, budget: str) -> None:
+        """Flag the point `digest` as the recipe chosen for `budget` and no other point of that budget (a
+        rerun of a budget may choose another round; None: none was chosen)."""
+        for v in self.cached_points():
+            if v.get("budget") == budget:
+                v["accepted"] = v.get("digest") == digest
         self._save()
 
     def point(self, recipe, label: str, extra: dict | None = None) -> dict:
