@@ -130,8 +130,8 @@ def test_shared_contexts_equal_batch_one(models, shared_requests, kind, bs):
 @pytest.fixture(scope="module")
 def many_questions(models):
     """Token-id requests (max_length 128): 7 questions of 5 to 40 context tokens, 2-4 choices of
-    1 to 6 tokens each (one greedy choice in three questions), in shuffled order: every call mixes
-    questions with pasts of different lengths."""
+    1 to 6 tokens each (one greedy choice in three questions), in shuffled order: the adapter must
+    split them into calls of one context length each."""
     rng = np.random.default_rng(2)
 
     def ids(n):
