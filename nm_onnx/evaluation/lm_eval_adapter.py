@@ -8,21 +8,20 @@ after `import nm_onnx.evaluation.lm_eval_adapter`.
 
 Batching (model arg `batch_size`, default 1): requests that share their context (a multiple-choice
 question's choices) and have a KV cache to share it on are scored on one prefix per context, several
-contexts of the same length a call (so no row's past needs padding; padding would move its keys
+contexts of the same length a call (so no row's past needs padding: padding would move its keys
 along the attention axis and change the softmax's summation order, a rounding change that sparse
 masks can amplify into flips). Up to batch_size questions' contexts, each minus its last token, run
 in one call, and each context's KV cache is its row. Then calls of up to batch_size rows [last
 context token, continuation minus its last token] (rows of several questions, right-padded) run on
-those caches, position_ids continuing each row's own context (`_score_rows` also takes pasts of
-different lengths, zero-padded and masked, but the calls are formed so that it never gets them).
-Each row then attends to exactly the tokens it would see in its own full forward, at the same
-positions, so its logits are those of batch 1 (bit for bit on SmolLM2, benchmarks/RESULTS.md); at
-batch 16, 16 four-choice ARC questions of one context length take 5 calls instead of 64. The other requests (1-token contexts, contexts seen once, requests cut
-on the left to max_length, models without KV cache, graphs without attention_mask/position_ids
-inputs, and ORT GenAI graphs, whose GroupQueryAttention takes a past with several new tokens only at
-batch 1) are sorted by length (longest first, as lm-eval's hf model does), cut into batches and
-right-padded with an all-ones attention mask, so again causal attention keeps every real token
-from seeing the pads behind it (lm-eval's hf model passes no mask either). The per-token masks of
+those caches, position_ids continuing the context. Each row then attends to exactly the tokens it
+would see in its own full forward, at the same positions, so its logits are those of batch 1 (to
+float rounding: max 8.9e-6 over the 9501 arc_easy requests on SmolLM2 8:16, benchmarks/RESULTS.md);
+at batch 16, 16 four-choice ARC questions of one context length take 5 calls instead of 64. The
+other requests (1-token contexts, contexts seen once, requests cut on the left to max_length,
+models without KV cache, and ORT GenAI graphs, whose GroupQueryAttention takes a past with several
+new tokens only at batch 1) are sorted by length (longest first, as lm-eval's hf model does), cut
+into batches and right-padded with an all-ones attention mask, so again causal attention keeps every
+real token from seeing the pads behind it (lm-eval's hf model passes no mask either). The per-token masks of
 the magnitude, Amber and Wanda criteria depend on the token's own row only, so a sparse model of
 those gives the same log-likelihoods batched or on a shared prefix (tests/test_lm_eval_batch.py:
 within 1e-4, same accuracies). A clact site ranks by column norms over *all* tokens of the call
@@ -153,63 +152,42 @@ class NmOnnxLM(TemplateLM):
     def _score_groups(self, requests, groups: list[list[int]]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of the requests of <= batch_size shared-context groups, in group order.
 
-        One call runs the groups' prefixes (`_prefix_caches`), then calls of <= batch_size rows
-        (`_score_rows`, a group's rows may span several calls) score their continuations on those caches."""
+        The groups' contexts all have one length (the caller forms them so): one call runs their
+        prefixes (`_prefix_caches`), then calls of <= batch_size rows (`_score_rows`, a group's rows
+        may span several calls) score the continuations on those caches."""
         contexts = [list(requests[g[0]][1]) for g in groups]
-        caches, axes = self._prefix_caches(contexts)
+        if len({len(c) for c in contexts}) != 1:
+            raise ValueError("shared-context groups of one call must have one context length")
+        caches = self._prefix_caches(contexts)
         rows = [(cache, context, list(requests[i][2]))
                 for g, context, cache in zip(groups, contexts, caches) for i in g]
         bs = self.batch_size
-        return [res for s in range(0, len(rows), bs) for res in self._score_rows(rows[s:s + bs], axes)]
+        return [res for s in range(0, len(rows), bs) for res in self._score_rows(rows[s:s + bs])]
 
-    def _prefix_caches(self, contexts: list[list[int]]) -> tuple[list[dict], dict[str, int]]:
-        """KV cache of each context minus its last token, from one call over them right-padded with id 0.
-
-        Returns, per context, {past input name: its row, positions 0..len(context)-2}, and the
-        sequence axis of each past input. Causal attention keeps a real token from the pads after it,
-        so its keys and values are those of the prefix alone."""
+    def _prefix_caches(self, contexts: list[list[int]]) -> list[dict]:
+        """KV cache of each context minus its last token ({past input name: its row}), from one call
+        over the (equally long) prefixes."""
         sess = self.session
-        width = max(map(len, contexts)) - 1
-        ids = np.zeros((len(contexts), width), dtype=np.int64)
-        for g, context in enumerate(contexts):
-            ids[g, :len(context) - 1] = context[:-1]
+        ids = np.asarray([c[:-1] for c in contexts], dtype=np.int64)
         names = [o for o in self._outputs if o.startswith("present")]  # not the logits [G, width, V]
         past = {n.replace("present", "past_key_values", 1): v
                 for n, v in zip(names, sess.run(names, make_feed(sess, ids)))}
-        axes = {name: _sequence_axis(sess, name, v.shape, width) for name, v in past.items()}
-        caches = [{name: v[g:g + 1][_upto(axes[name], len(context) - 1)] for name, v in past.items()}
-                  for g, context in enumerate(contexts)]
-        return caches, axes
+        return [{name: v[g:g + 1] for name, v in past.items()} for g in range(len(contexts))]
 
-    def _score_rows(self, rows: list[tuple[dict, list[int], list[int]]],
-                    axes: dict[str, int]) -> list[tuple[float, bool]]:
+    def _score_rows(self, rows: list[tuple[dict, list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (cache, context, continuation) row, in one call.
 
-        A row's tokens [context[-1], *continuation[:-1]] are right-padded with id 0 to the widest
-        row W; its cache (len(context)-1 positions) is padded with zeros at its end to the longest
-        past P of the call. attention_mask [rows, P + W] masks the padded past positions (1 on the
-        real past and on all W new positions: causal attention hides the right pads), and
-        position_ids continue each row's own past, so a row's logits at 0..len(continuation)-1 are
-        those of its full forward at batch 1."""
+        A row's tokens [context[-1], *continuation[:-1]] are right-padded with id 0 to the widest row
+        (causal attention hides the pads behind the real tokens) on its context's cache; every row's
+        past has the same length, so the rows' keys sit at the positions of their own full forward and
+        a row's logits at 0..len(continuation)-1 are those of batch 1."""
         sess = self.session
-        lens = [len(context) - 1 for _, context, _ in rows]
-        p, w = max(lens), max(len(cont) for _, _, cont in rows)
-        ids = np.zeros((len(rows), w), dtype=np.int64)
-        mask = np.ones((len(rows), p + w), dtype=np.int64)
-        for r, ((_, context, cont), n) in enumerate(zip(rows, lens)):
+        past_len = len(rows[0][1]) - 1
+        ids = np.zeros((len(rows), max(len(cont) for _, _, cont in rows)), dtype=np.int64)
+        for r, (_, context, cont) in enumerate(rows):
             ids[r, :len(cont)] = [context[-1], *cont[:-1]]
-            mask[r, n:p] = 0
-        past = {}
-        for name, axis in axes.items():
-            shape = list(rows[0][0][name].shape)
-            shape[0], shape[axis] = len(rows), p
-            past[name] = np.zeros(shape, dtype=rows[0][0][name].dtype)
-            for r, ((cache, _, _), n) in enumerate(zip(rows, lens)):
-                past[name][r:r + 1][_upto(axis, n)] = cache[name]
-        feed = make_feed(sess, ids, past, p)
-        feed["attention_mask"] = mask
-        feed["position_ids"] = np.asarray(lens, dtype=np.int64)[:, None] + np.arange(w, dtype=np.int64)
-        logits = sess.run(["logits"], feed)[0]
+        past = {name: np.concatenate([cache[name] for cache, _, _ in rows], axis=0) for name in rows[0][0]}
+        logits = sess.run(["logits"], make_feed(sess, ids, past, past_len))[0]
         return [_score_row(logits[r, :len(cont)], cont) for r, (_, _, cont) in enumerate(rows)]
 
     def _shared_contexts(self, requests) -> tuple[list[list[int]], list[int]]:
@@ -218,11 +196,8 @@ class NmOnnxLM(TemplateLM):
         A context is shared when batching is on, the model has a KV cache, >= 2 requests have it, it
         has >= 2 tokens (one to cache, one to start the rows) and none of its requests is cut on the
         left to max_length (the cut would change the context). Not on ORT GenAI graphs: their
-        GroupQueryAttention takes several new tokens on a past only at batch 1; nor on graphs without
-        attention_mask and position_ids inputs (rows on pasts of different lengths need both)."""
-        names = {i.name for i in self.session.get_inputs()}
-        if (self.batch_size == 1 or not has_kv_cache(self.session) or is_genai(self.session)
-                or not {"attention_mask", "position_ids"} <= names):
+        GroupQueryAttention takes several new tokens on a past only at batch 1."""
+        if self.batch_size == 1 or not has_kv_cache(self.session) or is_genai(self.session):
             return [], list(range(len(requests)))
         by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, _) in enumerate(requests):
@@ -332,24 +307,6 @@ def _score_row(logits: np.ndarray, targets: list[int]) -> tuple[float, bool]:
     lp = log_softmax(logits)
     tgt = np.asarray(targets)
     return float(lp[np.arange(len(tgt)), tgt].sum()), bool((lp.argmax(-1) == tgt).all())
-
-
-def _upto(axis: int, stop: int) -> tuple:
-    """Index of positions 0..stop-1 along `axis` (all of every axis before it)."""
-    return (slice(None),) * axis + (slice(0, stop),)
-
-
-def _sequence_axis(session, name: str, shape: tuple, width: int) -> int:
-    """The sequence axis of the `present` tensor (`shape`) for past input `name`, from a call `width`
-    tokens wide on an empty past: the non-batch axis of that size (of those, the one the past input
-    leaves symbolic, if several have it)."""
-    axes = [a for a in range(1, len(shape)) if shape[a] == width]
-    if len(axes) > 1:
-        declared = next(i.shape for i in session.get_inputs() if i.name == name)
-        axes = [a for a in axes if not isinstance(declared[a], int)]
-    if len(axes) != 1:
-        raise NmOnnxError(f"cannot tell the sequence axis of {name} {list(shape)} (a {width}-token call)")
-    return axes[0]
 
 
 def _batch_size(value) -> int:
