@@ -75,6 +75,20 @@ def _lm(path, batch_size, max_length=128, session=None):
     return NmOnnxLM(session=sess, tokenizer=str(tiny_export("llama")), max_length=max_length, batch_size=batch_size)
 
 
+def _questions(lm, rng, spec):
+    """Token-id requests, shuffled: per (context tokens, choice lengths, greedy tokens) of `spec` a random
+    context with random continuations of those lengths, plus a batch-1 greedy one when asked."""
+    def ids(n):
+        return [int(x) for x in rng.integers(3, 512, n)]
+
+    reqs = []
+    for n_context, lengths, n_greedy in spec:
+        context = ids(n_context)
+        conts = [ids(n) for n in lengths] + ([_greedy(lm, context, n_greedy)] if n_greedy else [])
+        reqs += [(("", ""), context, c) for c in conts]
+    return [reqs[i] for i in rng.permutation(len(reqs))]
+
+
 def _greedy(lm, context, n):
     """The n tokens batch-1 greedy decoding appends to `context` (a continuation scored as greedy)."""
     ids = list(context)
@@ -90,25 +104,15 @@ def shared_requests(models):
     Shared: a 4-choice question (+ a greedy choice), a 3-choice one and one exactly at max_length.
     Not shared: a 1-token context, a context cut on the left, a group with one choice too long,
     a context seen once."""
-    rng = np.random.default_rng(0)
-
-    def ids(n):
-        return [int(x) for x in rng.integers(3, 512, n)]
-
-    lm = _lm(models["dense"], 1)
-    groups = []
-    for context, lengths, n_greedy in [
-        (ids(12), [1, 3, 2, 5], 3),
-        (ids(7), [4, 4, 1], 2),
-        (ids(30), [3, 1, 2], 0),  # 30 + 3 = max_length + 1: fits, uncut
-        (ids(1), [2, 3, 1], 2),
-        (ids(40), [2, 3, 2, 4], 0),  # cut on the left
-        (ids(28), [2, 6], 0),  # 28 + 6 > max_length + 1: the whole group takes the padded path
-        (ids(9), [3], 0),
-    ]:
-        conts = [ids(n) for n in lengths] + ([_greedy(lm, context, n_greedy)] if n_greedy else [])
-        groups += [(context, c) for c in conts]
-    return [(("", ""), groups[i][0], groups[i][1]) for i in rng.permutation(len(groups))]
+    return _questions(_lm(models["dense"], 1), np.random.default_rng(0), [
+        (12, [1, 3, 2, 5], 3),
+        (7, [4, 4, 1], 2),
+        (30, [3, 1, 2], 0),  # 30 + 3 = max_length + 1: fits, uncut
+        (1, [2, 3, 1], 2),
+        (40, [2, 3, 2, 4], 0),  # cut on the left
+        (28, [2, 6], 0),  # 28 + 6 > max_length + 1: the whole group takes the padded path
+        (9, [3], 0),
+    ])
 
 
 @pytest.mark.parametrize("kind", ["dense", "magnitude"])
@@ -132,14 +136,7 @@ def many_questions(models):
     """Token-id requests (max_length 128): 7 questions of 5 to 40 context tokens, 2-4 choices of
     1 to 6 tokens each (one greedy choice in three questions), in shuffled order: the adapter must
     split them into calls of one context length each."""
-    rng = np.random.default_rng(2)
-
-    def ids(n):
-        return [int(x) for x in rng.integers(3, 512, n)]
-
-    lm = _lm(models["dense"], 1)
-    reqs = []
-    for n_context, lengths, n_greedy in [
+    return _questions(_lm(models["dense"], 1), np.random.default_rng(2), [
         (5, [2, 6, 1], 2),
         (40, [3, 1], 0),
         (14, [4, 2, 5, 1], 0),
@@ -147,11 +144,7 @@ def many_questions(models):
         (9, [5, 2], 0),
         (31, [2, 4, 3, 6], 0),
         (17, [6, 1], 1),
-    ]:
-        context = ids(n_context)
-        conts = [ids(n) for n in lengths] + ([_greedy(lm, context, n_greedy)] if n_greedy else [])
-        reqs += [(("", ""), context, c) for c in conts]
-    return [reqs[i] for i in rng.permutation(len(reqs))]
+    ])
 
 
 @pytest.mark.parametrize("kind", ["dense", "magnitude"])

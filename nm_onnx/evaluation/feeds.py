@@ -66,9 +66,16 @@ def make_feed(session, ids: np.ndarray, past: dict[str, np.ndarray] | None = Non
     return feed
 
 
-def present_to_past(session, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Map `present.N.key/value` outputs to the `past_key_values.N.key/value` inputs of the next step."""
-    names = [o.name for o in session.get_outputs()]
+def present_names(session) -> list[str]:
+    """The `present.N.key/value` outputs (a caller that needs only the KV cache can fetch just these)."""
+    return [o.name for o in session.get_outputs() if o.name.startswith("present")]
+
+
+def present_to_past(session, outputs: list[np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Map `present.N.key/value` outputs to the `past_key_values.N.key/value` inputs of the next step.
+
+    `outputs` are the session's outputs in order, or those of `names` when given."""
+    names = names if names is not None else [o.name for o in session.get_outputs()]
     return {
         n.replace("present", "past_key_values", 1): v
         for n, v in zip(names, outputs)

@@ -53,7 +53,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.evaluation.feeds import has_kv_cache, is_genai, make_feed, present_to_past
+from nm_onnx.evaluation.feeds import has_kv_cache, is_genai, make_feed, present_names, present_to_past
 from nm_onnx.evaluation.tokenizer import load_tokenizer
 from nm_onnx.progress import progress
 from nm_onnx.scoring import log_softmax
@@ -169,9 +169,8 @@ class NmOnnxLM(TemplateLM):
         over the (equally long) prefixes."""
         sess = self.session
         ids = np.asarray([c[:-1] for c in contexts], dtype=np.int64)
-        names = [o for o in self._outputs if o.startswith("present")]  # not the logits [G, width, V]
-        past = {n.replace("present", "past_key_values", 1): v
-                for n, v in zip(names, sess.run(names, make_feed(sess, ids)))}
+        names = present_names(sess)  # not the logits [G, width, V]
+        past = present_to_past(sess, sess.run(names, make_feed(sess, ids)), names)
         return [{name: v[g:g + 1] for name, v in past.items()} for g in range(len(contexts))]
 
     def _score_rows(self, rows: list[tuple[dict, list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -220,13 +219,10 @@ class NmOnnxLM(TemplateLM):
         shared, rest = self._shared_contexts(requests)
         # longest first (lm-eval hf's order): a batch's first row sets its width, padding stays small
         rest.sort(key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), tuple(requests[i][1] + requests[i][2])))
-        # shared contexts longest first too: a call's prefixes and pasts have similar lengths
+        # shared contexts by length, so that groupby cuts them into runs of one context length: one call's
+        # questions share it (no padded pasts; module docstring, benchmarks/RESULTS.md)
         shared.sort(key=lambda g: (-len(requests[g[0]][1]), tuple(requests[g[0]][1])))
         bs = self.batch_size
-        # One call's questions share one context length: rows on a past padded to a longer one would see
-        # their keys at other positions of the attention axis, which changes the summation order of
-        # attention's softmax; a rounding-level change that a sparse model's masks can turn into flips
-        # (SmolLM2 8:16 on arc_easy: 67 of 9501 log-likelihoods moved by up to 2.6 nats with mixed lengths).
         same_length = [list(g) for _, g in itertools.groupby(shared, key=lambda g: len(requests[g[0]][1]))]
         units = ([(True, same[i:i + bs]) for same in same_length for i in range(0, len(same), bs)]
                  + [(False, rest[i:i + bs]) for i in range(0, len(rest), bs)])
