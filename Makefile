@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(WHEELS) "torch==2.13.0"
-	$(PY) -m pip install -e ".[eval,dev,genai]"
+	$(PY) -m pip install -e ".[eval,dev,genai,cluster]"
 	touch $@
 
 # The builder environment (`nm-onnx export --format genai`); torch from the same pinned CPU wheel, first.

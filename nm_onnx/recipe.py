@@ -363,6 +363,13 @@ class SparsityRecipe(_Method):
             )
         return out
 
+    def mac_sparsity(self, shapes: dict[str, tuple[int, int]]) -> float:
+        """Fraction of the selected sites' multiply-adds skipped, {module path: (K, O)} -> 0..1 (a
+        uniform recipe: its pattern's sparsity; a mixed one: the sites' sparsities weighted by K x O)."""
+        settings = self.resolve(list(shapes), {m: k for m, (k, _) in shapes.items()})
+        total = sum(shapes[m][0] * shapes[m][1] for m in settings)
+        return sum(shapes[m][0] * shapes[m][1] * s.sparsity for m, s in settings.items()) / total if total else 0.0
+
     # ----- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

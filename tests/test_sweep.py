@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import error_lines, run_cli
-from models_cache import tiny_export
+from models_cache import tiny_export, tiny_hf
 
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.sweep import run_sweep
@@ -117,10 +117,20 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, local):
     ('models = ["M"]\nrecipes = ["8:16-magnitude"]\n[evaluations.perplexity]\nseqlen = "x"\n',
      "evaluations.perplexity.seqlen"),
     ('modles = ["M"]\n', "modles: unknown key"),
+    ('models = ["H"]\nrecipes = ["autotune:-5%"]\n[evaluations.perplexity]\n', "recipes[0].source: --budget '-5%'"),
+    ('models = ["H"]\nrecipes = ["weight:2:x"]\n[evaluations.perplexity]\n', "recipes[0].source"),
+    ('models = ["H"]\nrecipes = ["autotune:5%"]\n[autotune]\ncandidates = "dense,9:16x"\n[evaluations.perplexity]\n',
+     "autotune.candidates"),
+    (('models = ["H"]\nrecipes = ["autotune:5%"]\n[autotune]\nbase_recipe = "8:16-learned-shift"\n'
+      '[evaluations.perplexity]\n'), "autotune.base_recipe"),
+    ('models = ["M"]\nrecipes = ["weight:8:16"]\n[evaluations.perplexity]\n', "models[0].source: "),
+    ('models = ["M"]\nrecipes = ["8:16-magnitude"]\n[evaluations.twin]\n', "is an ONNX export, but twin"),
+    ('models = [{source = "H", export = "H"}]\nrecipes = ["8:16-magnitude"]\n[evaluations.perplexity]\n',
+     "models[0].export: "),
 ])
 def test_bad_spec_is_one_line_exit_2(tmp_path, body, key):
     spec = tmp_path / "s.toml"
-    spec.write_text(body.replace('"M"', json.dumps(str(tiny_export("llama")))))
+    spec.write_text(body.replace('"M"', json.dumps(str(tiny_export("llama")))).replace('"H"', json.dumps(str(tiny_hf("llama")))))
     r = run_cli("sweep", spec, "--out", tmp_path / "out", env={"HF_HUB_OFFLINE": "1"}, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = error_lines(r.stderr)
@@ -156,7 +166,6 @@ def test_missing_ray_names_the_extra(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_ray_backend_gives_the_same_table(tmp_path, local):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'nm-onnx[cluster]')")
     ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""),
@@ -167,3 +176,29 @@ def test_ray_backend_gives_the_same_table(tmp_path, local):
     finally:
         ray.shutdown()
     assert _rows(rep) == _rows(local[2])
+
+
+def test_twin_weight_and_export_rows(tmp_path):
+    """A Hugging Face source with its export given: the twin (PyTorch reference) equals ORT on the same
+    windows, a weight-pruning row has its PyTorch perplexity and no ORT evaluations."""
+    (tmp_path / "text.txt").write_text(TEXT)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'''threads = 1
+models = [{{name = "llama", source = "{tiny_hf('llama')}", export = "{tiny_export('llama')}"}}]
+recipes = ["8:16-magnitude", {{name = "w", source = "weight:8:16"}}]
+{PPL}
+[evaluations.twin]
+windows = 1
+seqlen = 32
+data = "text.txt"
+''')
+    rep = run_sweep(spec, tmp_path / "out")
+    rows = {r["recipe"]: r for r in rep["rows"]}
+    assert list(rows) == ["dense", "8:16-magnitude", "w"] and rows["w"]["kind"] == "weight"
+    for name in ("dense", "8:16-magnitude"):
+        m = rows[name]["metrics"]
+        assert m["twin.ppl_torch"] == pytest.approx(m["twin.ppl_ort"], rel=1e-3), m
+    assert set(rows["w"]["metrics"]) == {"perplexity.ppl_torch"} and not rows["w"]["errors"]
+    assert rows["w"]["metrics"]["perplexity.ppl_torch"] != rows["dense"]["metrics"]["perplexity.ppl"]
+    assert not (tmp_path / "out" / "cache" / "export").exists()  # the given export is the dense model
+    assert "ppl_torch of a weight-pruning row" in (tmp_path / "out" / "report.md").read_text()

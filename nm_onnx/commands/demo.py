@@ -1,24 +1,28 @@
 """`nm-onnx demo`: the whole chain on the embedded default model, one comparison table and one plot.
 
-export -> calibrate (small budget) -> transform a grid of recipes -> perplexity through ORT next to
-the PyTorch twin (the reference simulation of the same recipe) -> prefill/decode speed against the
-dense model (interleaved, medians) -> runs/demo/report.md, report.json and ppl_vs_pattern.png.
+The demo is the sweep (nm_onnx.sweep) of a built-in spec, written to OUT/spec.toml (rerun or edit it
+with `nm-onnx sweep`): export -> calibrate (small budget) or autotune -> transform a grid of recipes
+-> perplexity through ORT next to the PyTorch twin (the reference simulation of the same recipe) ->
+prefill/decode speed against the dense model (interleaved, medians) -> OUT/report.md, report.json and
+ppl_vs_pattern.png.
 
 Grid: dense; 2:4, 8:16, 16:32 magnitude; 8:16 with median shift, variance correction and learned
-shift; 8:16 weight pruning (the reference's baseline, PyTorch only). Every row is produced as far as
-its pieces exist: a row whose transform or calibration fails keeps its PyTorch numbers and says why.
-Defaults are sized to finish in under 20 minutes on an idle 2-core CPU: 8 windows x 512 tokens of
-WikiText-2 test (the PyTorch twin on the first window only), calibration 16 x 256 tokens, bench
-128-token prompt + 32 decode steps, 5 interleaved repeats.
-Per-row results are cached in OUT/results/ (keyed by the settings); --fresh recomputes everything.
+shift; 8:16 weight pruning (the reference's baseline, PyTorch only); the autotuned recipes within
++5%, +10% and +25% perplexity (`nm-onnx autotune`, one shared sensitivity and speed table). Every row
+is produced as far as its pieces exist: a row whose transform or calibration fails keeps its other
+numbers and says why. Defaults: 8 windows x 512 tokens of WikiText-2 test (the PyTorch twin on the
+first window only), calibration 16 x 256 tokens, bench 128-token prompt + 32 decode steps, 5
+interleaved repeats; the uniform rows take about 15 minutes on an idle 2-core CPU, the autotune rows
+about 20 more (`--autotune none` leaves them out).
+Every job's result is cached by content in OUT/cache (as in a sweep); --fresh recomputes everything.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +32,25 @@ from nm_onnx.models import DEFAULT_MODEL
 
 NAME = "demo"
 HELP = "Run the whole chain (export, calibrate, transform a grid, evaluate, bench) on the embedded model."
+AUTOTUNE_BUDGETS = "5%,10%,25%"
 
 
 @dataclass(frozen=True)
 class Config:
     name: str  # row label
-    recipe: str | None  # preset name (None: dense)
-    kind: str = "activation"  # activation | dense | weight
+    recipe: str | None  # preset name (None: dense); the pattern of a weight row; the budget of an autotune row
+    kind: str = "activation"  # activation | dense | weight | autotune
+
+    @property
+    def source(self) -> str:
+        """The sweep spec's recipe source of this row."""
+        return {"dense": "dense", "weight": f"weight:{self.recipe}", "autotune": f"autotune:{self.recipe}"}.get(
+            self.kind, self.recipe)
+
+    @property
+    def key(self) -> str:
+        """The row's name for --only."""
+        return f"autotune:{self.recipe}" if self.kind == "autotune" else self.recipe
 
 
 GRID = (
@@ -51,6 +67,7 @@ GRID = (
 
 def add_arguments(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model source (default {DEFAULT_MODEL})")
+    p.add_argument("--export", default=None, help="an existing dense ONNX export of --model (default: exported)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--limit", type=non_negative, default=8, help="perplexity windows (default 8; 0 = all)")
     p.add_argument("--seqlen", type=at_least(2), default=512, help="tokens per perplexity window (default 512)")
@@ -62,7 +79,12 @@ def add_arguments(p):
     p.add_argument("--repeats", type=non_negative, default=5, help="bench repeats (default 5; 0 = no bench)")
     p.add_argument("--twin-limit", type=non_negative, default=1,
                    help="windows for the PyTorch twin (default 1: the reference simulation is slow; 0 = skip)")
-    p.add_argument("--only", default=None, help="comma-separated subset of recipes (e.g. 8:16-magnitude)")
+    p.add_argument("--autotune", default=AUTOTUNE_BUDGETS,
+                   help=f"perplexity budgets of the autotuned rows (default {AUTOTUNE_BUDGETS}; none = no autotune)")
+    p.add_argument("--autotune-samples", type=positive, default=8,
+                   help="calibration windows of the autotune sensitivity (default 8)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated subset of rows (e.g. 8:16-magnitude,autotune:+5%%; dense always runs)")
     p.add_argument("--fresh", action="store_true", help="recompute cached rows and sparse models")
     p.add_argument("--threads", type=positive, default=None, help="ORT intra-op threads (default: ORT's)")
 
@@ -71,8 +93,90 @@ def _step(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+def grid(args) -> list[Config]:
+    """The rows this run makes: the grid, the autotune budgets, filtered by --only (dense always)."""
+    from nm_onnx.autotune.spec import parse_budget
+    from nm_onnx.errors import NmOnnxError
+
+    rows = list(GRID)
+    if args.autotune.strip().lower() not in ("", "none"):
+        for b in args.autotune.split(","):
+            try:
+                budget = str(parse_budget(b))
+            except NmOnnxError as e:
+                raise NmOnnxError(f"--autotune: {e}") from None
+            rows.append(Config(f"autotune {budget}", budget, "autotune"))
+    if not args.only:
+        return rows
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = {f"autotune:{parse_budget(o.split(':', 1)[1])}" if o.startswith("autotune:") else o for o in only}
+    known = {c.key for c in rows if c.kind != "dense"}
+    bad = only - known
+    if bad:
+        raise NmOnnxError(f"--only: unknown {sorted(bad)}; choose from {sorted(known)}")
+    return [c for c in rows if c.kind == "dense" or c.key in only]
+
+
+def spec_text(args, rows: list[Config]) -> str:
+    """The built-in sweep spec of this demo run (TOML)."""
+    def q(v):
+        return json.dumps(str(v))
+
+    data = args.data if args.data == "wikitext2" else str(Path(args.data).resolve())
+    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    lines = [f"# nm-onnx demo: the built-in spec of this run (`nm-onnx sweep` runs it too; {time.strftime('%Y-%m-%d')})"]
+    if args.threads:
+        lines.append(f"threads = {args.threads}")
+    entry = f"name = {q(Path(model).name)}, source = {q(model)}"
+    if args.export:
+        entry += f", export = {q(Path(args.export).resolve())}"
+    lines.append(f"models = [{{{entry}}}]")
+    lines.append("recipes = [" + ", ".join(f"{{name = {q(c.name)}, source = {q(c.source)}}}"
+                                          for c in rows if c.kind != "dense") + "]")
+    lines += ["", "[calibration]", f"samples = {args.calib_samples}", f"seqlen = {args.calib_seqlen}"]
+    if any(c.kind == "autotune" for c in rows):
+        lines += ["", "[autotune]", f"samples = {args.autotune_samples}", f"limit = {args.limit or 8}",
+                  f"eval_seqlen = {args.seqlen}", f"eval_data = {q(data)}", f"prompt = {args.prompt}", f"decode = {max(1, args.decode)}",
+                  f"repeats = {max(1, min(3, args.repeats))}"]
+    lines += ["", "[evaluations.perplexity]", f"windows = {args.limit}", f"seqlen = {args.seqlen}", f"data = {q(data)}"]
+    if args.twin_limit:
+        lines += ["", "[evaluations.twin]", f"windows = {args.twin_limit}", f"seqlen = {args.seqlen}",
+                  f"data = {q(data)}"]
+    if args.repeats:
+        lines += ["", "[evaluations.bench]", f"prompt = {args.prompt}", f"decode = {args.decode}",
+                  f"repeats = {args.repeats}"]
+    return "\n".join(lines) + "\n"
+
+
+def demo_rows(rep: dict, rows: list[Config]) -> list[dict]:
+    """The sweep's report rows as the demo's rows (config, kind, sparsity, perplexities, speedups, notes)."""
+    from nm_onnx.recipe import SparsityRecipe, parse_pattern
+
+    by = {r["recipe"]: r for r in rep["rows"]}
+    out = []
+    for c in rows:
+        r = by["dense" if c.kind == "dense" else c.name]
+        m = r["metrics"]
+        row = {"config": c.name, "recipe": c.recipe, "kind": c.kind, "notes": list(r["notes"])}
+        row["sparsity"] = (0.0 if c.kind == "dense" else parse_pattern(c.recipe)[2] if c.kind == "weight" else
+                           r["info"].get("sparsity") if c.kind == "autotune" else SparsityRecipe.load(c.recipe).sparsity)
+        if c.kind == "weight":
+            row["ppl_torch"] = m.get("perplexity.ppl_torch")
+            row["notes"].append("PyTorch reference only (weights pruned, dense kernels)")
+        else:
+            row.update(ppl_ort=m.get("perplexity.ppl"), ppl_ort_twin_windows=m.get("twin.ppl_ort"),
+                       ppl_torch=m.get("twin.ppl_torch"))
+        if c.kind != "dense" and any(k.startswith("bench.") for k in m):
+            dense = by["dense"]["metrics"]
+            row.update({k: m[f"bench.{k}"] for k in ("prefill_speedup", "decode_speedup", "prefill_tok_s",
+                                                     "decode_tok_s") if f"bench.{k}" in m})
+            row.update({f"dense_{k}": dense[f"bench.{k}"] for k in ("prefill_tok_s", "decode_tok_s")
+                        if f"bench.{k}" in dense})
+        if c.kind == "autotune":
+            row["autotune"] = r["info"]
+        row["notes"] += [f"{ev}: {e}" for ev, e in r["errors"].items()]
+        out.append(row)
+    return out
 
 
 class Demo:
@@ -81,229 +185,58 @@ class Demo:
         self.out = Path(args.out)
         self.t0 = time.time()
 
-    # ------------------------------------------------------------------ pieces
-    def setup(self):
-        from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
-        from nm_onnx.export import export
-        from nm_onnx.graph import find_linear_sites, load_model
-        from nm_onnx.models import load_hf_model
-        from nm_onnx.runtime import make_session
-
-        a = self.args
-        _step(f"model {a.model}: fetch + load (PyTorch)")
-        self.model, self.tok = load_hf_model(a.model)
-        self.dense_dir = self.out / "dense"
-        if not (self.dense_dir / "model.onnx").is_file():
-            _step("export to ONNX (optimum, KV cache)")
-            export(a.model, self.dense_dir)
-        _step("inspect: linear sites")
-        sites = find_linear_sites(load_model(self.dense_dir))
-        self.site_counts = dict(Counter(s.kind for s in sites))
-        self.text = load_eval_text(a.data)
-        self.bos = bos_id(self.tok, "auto")
-        self.windows = eval_windows(tokenize(self.tok, self.text.text), a.seqlen, a.limit or None, self.bos)
-        self.dense_sess = make_session(self.dense_dir, threads=a.threads)
-        self.key = json.dumps({k: getattr(a, k) for k in ("model", "limit", "seqlen", "data", "calib_samples",
-                                                         "calib_seqlen", "prompt", "decode", "repeats",
-                                                         "twin_limit", "threads")}, sort_keys=True)
-
-    def cached(self, cfg: Config) -> dict | None:
-        p = self.out / "results" / f"{_slug(cfg.name)}.json"
-        if self.args.fresh or not p.is_file():
-            return None
-        try:
-            d = json.loads(p.read_text())
-        except ValueError:
-            return None
-        return d["row"] if d.get("key") == self.key else None
-
-    def save(self, cfg: Config, row: dict) -> None:
-        from nm_onnx.io import atomic_file
-
-        with atomic_file(self.out / "results" / f"{_slug(cfg.name)}.json") as f:
-            json.dump({"key": self.key, "row": row}, f, indent=2)
-
-    def ppl_ort(self, path, label) -> tuple[dict, object]:
-        """ORT perplexity on all windows, and on the twin's windows alone (for a like-for-like pair)."""
-        import math
-
-        from nm_onnx.evaluation.perplexity import perplexity_onnx
-        from nm_onnx.runtime import make_session
-
-        sess = self.dense_sess if path == self.dense_dir else make_session(path, threads=self.args.threads)
-        _step(f"{label}: ORT perplexity on {self.windows.shape[0]} x {self.windows.shape[1]}")
-        k = self.twin_windows()
-        head = perplexity_onnx(sess, self.windows[:k], desc=f"{label} (ORT)") if k else None
-        rest = perplexity_onnx(sess, self.windows[k:], desc=f"{label} (ORT)") if k < len(self.windows) else None
-        parts = [r for r in (head, rest) if r is not None]
-        nll = sum(r.nll * r.tokens for r in parts) / sum(r.tokens for r in parts)
-        return {"ppl_ort": math.exp(nll), "ppl_ort_twin_windows": head.perplexity if head else None}, sess
-
-    def twin_windows(self) -> int:
-        return max(0, min(self.args.twin_limit, len(self.windows)))
-
-    def ppl_torch(self, label):
-        from nm_onnx.reference.perplexity import nll_torch
-
-        k = self.twin_windows()
-        if not k:
-            return None
-        _step(f"{label}: PyTorch twin perplexity on {k} windows")
-        return nll_torch(self.model, self.windows[:k], progress=True, desc=f"{label} (torch)").perplexity
-
-    def calibration(self, recipe):
-        """Artifact directory for a recipe that needs one (small budget), else None."""
-        from nm_onnx.calibration import calibrate, load_artifact
-        from nm_onnx.data import calibration_windows, load_calibration_text, tokenize
-        from nm_onnx.recipe import SparsityRecipe
-
-        rec = SparsityRecipe.load(recipe)
-        if not rec.needs_calibration:
-            return None, None
-        a = self.args
-        out = self.out / "calibration" / f"{recipe}-{a.calib_samples}x{a.calib_seqlen}"  # keyed by the budget
-        if out.is_dir() and not a.fresh:
-            try:
-                return out, load_artifact(out)
-            except Exception as e:  # noqa: BLE001 - stale or partial: recompute
-                _step(f"cached calibration {out} unusable ({type(e).__name__}); recomputing")
-        rec.calibration.update(samples=a.calib_samples, seqlen=a.calib_seqlen)
-        text = load_calibration_text(rec.calibration["data"])
-        windows = calibration_windows(tokenize(self.tok, text.text), a.calib_samples, a.calib_seqlen,
-                                      rec.calibration["seed"], self.bos)
-        _step(f"calibrate {recipe} on {a.calib_samples} x {a.calib_seqlen} tokens of {text.source}")
-        art = calibrate(self.model, rec, windows, out, data_source=text.source, model_source=str(a.model),
-                        bos=self.bos)
-        return out, art
-
-    def sparse_model(self, recipe, calibration) -> Path:
-        from nm_onnx.transform import transform
-
-        # a calibrated model is keyed by its artifact (budget), so a new budget never reuses a stale model
-        out_dir = self.out / "sparse" / (recipe if calibration is None else Path(calibration).name)
-        path = out_dir / "model.onnx"
-        if path.is_file() and not self.args.fresh:
-            return out_dir
-        _step(f"transform {recipe}")
-        transform(self.dense_dir, out_dir, recipe, calibration=calibration)  # dir in: dir out, atomic
-        return out_dir
-
-    def bench(self, sess, label) -> dict:
-        from nm_onnx.evaluation.latency import measure, paired_speedup
-
-        a = self.args
-        if a.repeats < 1:
-            return {}
-        _step(f"{label}: bench vs dense (prompt {a.prompt}, decode {a.decode}, {a.repeats} repeats, interleaved)")
-        r = measure({"dense": self.dense_sess, "sparse": sess}, a.prompt, a.decode, a.repeats, 1)
-        out = {"prefill_tok_s": r["sparse"]["prefill_tok_s"], "dense_prefill_tok_s": r["dense"]["prefill_tok_s"],
-               **paired_speedup(r["sparse"], r["dense"])}
-        if "decode_tok_s" in r["sparse"]:
-            out.update(decode_tok_s=r["sparse"]["decode_tok_s"], dense_decode_tok_s=r["dense"]["decode_tok_s"])
-        return out
-
-    # ------------------------------------------------------------------ rows
-    def row(self, cfg: Config) -> dict:
-        from nm_onnx.recipe import SparsityRecipe
-        from nm_onnx.reference import apply_weight_pruning, sparsify_model, unsparsify_model
-
-        row: dict = {"config": cfg.name, "recipe": cfg.recipe, "kind": cfg.kind, "notes": []}
-        if cfg.kind == "dense":
-            row["sparsity"] = 0.0
-            ppl, _ = self.ppl_ort(self.dense_dir, "dense")
-            row.update(ppl)
-            row["ppl_torch"] = self.ppl_torch("dense")
-            return row
-        if cfg.kind == "weight":
-            from nm_onnx.recipe import parse_pattern
-
-            row["sparsity"] = parse_pattern(cfg.recipe)[2]
-            import torch
-
-            saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            try:
-                apply_weight_pruning(self.model, cfg.recipe, "magnitude")
-                _step(f"{cfg.name}: PyTorch perplexity (weights pruned {cfg.recipe}, reference)")
-                from nm_onnx.reference.perplexity import nll_torch
-
-                row["ppl_torch"] = nll_torch(self.model, self.windows, progress=True, desc=cfg.name).perplexity
-            finally:
-                with torch.no_grad():
-                    self.model.load_state_dict(saved)
-            row["notes"].append("PyTorch reference only (weights pruned, dense kernels)")
-            return row
-        rec = SparsityRecipe.load(cfg.recipe)
-        row["sparsity"] = rec.sparsity
-        try:
-            cal_dir, artifact = self.calibration(cfg.recipe)
-        except Exception as e:  # noqa: BLE001 - keep the row, say why
-            _step(f"{cfg.name}: calibration failed: {type(e).__name__}: {e}")
-            row["notes"].append(f"calibration failed: {type(e).__name__}: {str(e)[:120]}")
-            return row
-        try:
-            sparse_dir = self.sparse_model(cfg.recipe, cal_dir)
-            ppl, sess = self.ppl_ort(sparse_dir, cfg.name)
-            row.update(ppl)
-            row.update(self.bench(sess, cfg.name))
-        except ImportError:
-            row["notes"].append("transform not available yet (nm_onnx.transform)")
-        except Exception as e:  # noqa: BLE001 - keep the row, say why
-            _step(f"{cfg.name}: ONNX path failed: {type(e).__name__}: {e}")
-            traceback.print_exc(limit=3)
-            row["notes"].append(f"ONNX path failed: {type(e).__name__}: {str(e)[:120]}")
-        if self.twin_windows():
-            sparsify_model(self.model, rec, artifact)
-            try:
-                row["ppl_torch"] = self.ppl_torch(cfg.name)
-            finally:
-                unsparsify_model(self.model)
-        return row
-
     def run(self) -> int:
-        from nm_onnx.errors import NmOnnxError
+        from nm_onnx.io import atomic_file
+        from nm_onnx.sweep import execute
+        from nm_onnx.sweep.spec import load_spec
 
-        only = None
-        if self.args.only:
-            only = {s.strip() for s in self.args.only.split(",")}
-            known = {c.recipe for c in GRID if c.recipe}
-            bad = only - known
-            if bad:
-                raise NmOnnxError(f"--only: unknown {sorted(bad)}; choose from {sorted(known)}")
+        a = self.args
+        rows = grid(a)
+        text = spec_text(a, rows)
+        with tempfile.TemporaryDirectory() as tmp:  # the spec is checked before the folder is touched
+            (Path(tmp) / "spec.toml").write_text(text)
+            spec = load_spec(Path(tmp) / "spec.toml")
         claim_demo_dir(self.out)
-        self.setup()
-        rows = []
-        grid = [c for c in GRID if only is None or c.kind == "dense" or c.recipe in only]
-        for i, cfg in enumerate(grid, 1):
-            _step(f"row {i}/{len(grid)}: {cfg.name} ({time.time() - self.t0:.0f} s elapsed)")
-            row = self.cached(cfg)
-            if row is None:
-                row = self.row(cfg)
-                self.save(cfg, row)
-            else:
-                _step(f"{cfg.name}: cached")
-            rows.append(row)
-        self.write(rows)
+        with atomic_file(self.out / "spec.toml") as f:
+            f.write(text)
+        spec.path = self.out / "spec.toml"
+        _step(f"{len(rows)} rows on {a.model}: the sweep of {self.out / 'spec.toml'}")
+        rep, outcomes = execute(spec, self.out, fresh=a.fresh)
+        dense_dir = next((o["result"]["dir"] for j, o in outcomes.items() if j.startswith("export:") and "result" in o),
+                         None)
+        self.write(demo_rows(rep, rows), dense_dir, rep)
         _step(f"done in {time.time() - self.t0:.0f} s; report: {self.out / 'report.md'}")
         return 0
 
     # ------------------------------------------------------------------ report
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict], dense_dir, rep: dict) -> None:
+        from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
         from nm_onnx.evaluation.latency import cpu_info
+        from nm_onnx.evaluation.tokenizer import load_tokenizer
+        from nm_onnx.graph import find_linear_sites, load_model
         from nm_onnx.io import atomic_file, atomic_path
 
         a = self.args
+        sites, windows, source = {}, 0, a.data
+        if dense_dir is not None:  # the table's header: what was measured on what
+            sites = dict(Counter(s.kind for s in find_linear_sites(load_model(dense_dir))))
+            tok = load_tokenizer(dense_dir)
+            text = load_eval_text(a.data)
+            source = text.source
+            windows = eval_windows(tokenize(tok, text.text), a.seqlen, a.limit or None, bos_id(tok, "auto")).shape[0]
         report = demo_markdown(rows, {
-            "model": a.model, "sites": self.site_counts, "data": self.text.source,
-            "windows": int(self.windows.shape[0]), "seqlen": int(self.windows.shape[1]),
+            "model": a.model, "sites": sites, "data": source, "windows": int(windows), "seqlen": a.seqlen,
             "calibration": f"{a.calib_samples} x {a.calib_seqlen} tokens",
             "bench": f"prompt {a.prompt} tokens, decode {a.decode} steps, median of {a.repeats} interleaved repeats",
-            "machine": cpu_info(), "seconds": time.time() - self.t0, "twin": self.twin_windows(),
+            "machine": cpu_info(), "seconds": time.time() - self.t0, "twin": a.twin_limit,
         })
         print(report)
         with atomic_file(self.out / "report.md") as f:
             f.write(report + "\n")
         with atomic_file(self.out / "report.json") as f:
-            json.dump({"rows": rows, "sites": self.site_counts, "settings": json.loads(self.key)}, f, indent=2)
+            json.dump({"rows": rows, "sites": sites, "settings": {k: getattr(a, k) for k in (
+                "model", "limit", "seqlen", "data", "calib_samples", "calib_seqlen", "prompt", "decode", "repeats",
+                "twin_limit", "autotune", "threads")}, "jobs": rep["jobs"]}, f, indent=2)
         with atomic_path(self.out / "ppl_vs_pattern.png") as tmp:
             plot(rows, tmp)
 
@@ -358,7 +291,8 @@ def demo_markdown(rows: list[dict], meta: dict) -> str:
         elif r["kind"] == "weight":
             twin = "(row is torch)"
         lines.append(
-            f"| {r['config']} | {_f(100 * r['sparsity'], '.0f', '%')} | {_f(shown, '.3f')}{mark} | "
+            f"| {r['config']} | {_f(None if r['sparsity'] is None else 100 * r['sparsity'], '.0f', '%')} | "
+            f"{_f(shown, '.3f')}{mark} | "
             f"{_f(delta, '+.3f')} | {twin} | {_f(r.get('decode_speedup'), '.2f', 'x')} | "
             f"{_f(r.get('prefill_speedup'), '.2f', 'x')} |"
         )
@@ -372,14 +306,18 @@ def demo_markdown(rows: list[dict], meta: dict) -> str:
               "Speedups: sparse vs dense ONNX model, median over the repeats of the time ratio of each "
               "back-to-back (dense, sparse) pair (> 1 is faster; decode on this small model runs ~3150 ONNX "
               "nodes per token, most of which sparsity does not touch). Weight pruning: the "
-              "reference's 8:16 magnitude weight pruning, PyTorch on all windows.")]
+              "reference's 8:16 magnitude weight pruning, PyTorch on all windows. Autotune +B%: the mixed "
+              "recipe `nm-onnx autotune` chose for that perplexity budget (per-group patterns from "
+              "dense,12:16,10:16,8:16,6:16, verified on the same windows; its sparsity is the fraction of "
+              "the linear layers' multiply-adds skipped).")]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path) -> None:
-    """Perplexity vs N:M pattern (magnitude), dense line, 8:16 mitigations and weight pruning."""
+    """Left: perplexity vs N:M pattern (magnitude), dense line, 8:16 mitigations, weight pruning.
+    Right: perplexity vs decode speedup of every ORT row (the frontier the autotuned rows trace)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +326,7 @@ def plot(rows: list[dict], path) -> None:
     def ppl(r):
         return r.get("ppl_ort") if r.get("ppl_ort") is not None else r.get("ppl_torch")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, fx) = plt.subplots(1, 2, figsize=(12, 4.5))
     pats = [("2:4 magnitude", "2:4"), ("8:16 magnitude", "8:16"), ("16:32 magnitude", "16:32")]
     by = {r["config"]: r for r in rows}
     xs = [(lbl, ppl(by[c])) for c, lbl in pats if c in by and ppl(by[c]) is not None]
@@ -396,8 +334,9 @@ def plot(rows: list[dict], path) -> None:
     if xs:
         ax.plot([pos[x] for x, _ in xs], [y for _, y in xs], "o-", label="magnitude")
     dense = by.get("dense")
-    if dense and ppl(dense) is not None:
-        ax.axhline(ppl(dense), color="gray", ls="--", label=f"dense {ppl(dense):.2f}")
+    for a in (ax, fx):
+        if dense and ppl(dense) is not None:
+            a.axhline(ppl(dense), color="gray", ls="--", label=f"dense {ppl(dense):.2f}")
     markers = iter("s^Dvx")
     for r in rows:
         if r["config"].startswith("8:16") and r["config"] != "8:16 magnitude" and ppl(r) is not None:
@@ -406,8 +345,22 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlabel("N:M activation pattern (50% sparsity)")
     ax.set_ylabel("WikiText-2 perplexity (lower is better)")
     ax.set_yscale("log")
-    ax.set_title("nm-onnx demo: perplexity vs pattern")
+    ax.set_title("perplexity vs pattern")
     ax.legend(fontsize=8)
+    for kind, style, label in (("activation", "o", "uniform recipes"), ("autotune", "*-", "autotune (budgets)")):
+        pts = sorted((r["decode_speedup"], r["ppl_ort"], r["config"]) for r in rows
+                     if r["kind"] == kind and r.get("decode_speedup") and r.get("ppl_ort"))
+        if pts:
+            fx.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=9 if kind == "autotune" else 6, label=label)
+            for x, y, name in pts:
+                fx.annotate(name.replace(" magnitude", "").replace("autotune ", ""), (x, y), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+    fx.set_xlabel("decode speedup vs dense (ORT, > 1 is faster)")
+    fx.set_ylabel("WikiText-2 perplexity")
+    fx.set_yscale("log")
+    fx.set_title("frontier: perplexity vs decode speed")
+    fx.legend(fontsize=8)
+    fig.suptitle("nm-onnx demo")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -4,6 +4,7 @@ spec.py reads and checks the spec; jobs.py plans the jobs (export -> calibrate -
 evaluate) and runs one, cached by content under OUT/cache; backends.py runs them (local or Ray);
 report.py turns their outcomes into one table. `run_sweep` ties them together and owns the output
 folder (nm_onnx.io): a new or empty folder, or one an earlier sweep made (whose cache it resumes).
+`execute` is the part without the folder and the files: `nm-onnx demo` runs its built-in spec with it.
 """
 
 from __future__ import annotations
@@ -39,23 +40,31 @@ def claim_sweep_dir(out, inputs, overwrite: bool = False) -> None:
     write_manifest(out, SWEEP_KIND, {"files": []})
 
 
+def execute(s, out, backend: str = "local", address: str | None = None, cpus_per_job: int = 1,
+            fresh: bool = False) -> tuple[dict, dict[str, dict]]:
+    """(report table, {job id: outcome}) of spec `s` run into the claimed folder `out`."""
+    from nm_onnx.sweep import backends, jobs, report
+
+    planned = jobs.plan(s)
+    print(f"nm-onnx sweep: {len(s.models)} model(s) x {len(s.recipes)} recipe(s) x {len(s.evaluations)} "
+          f"evaluation(s) = {len(planned)} jobs ({backend})", file=sys.stderr, flush=True)
+    root = str(Path(out).resolve())
+    outcomes = backends.run(backend, root, planned, fresh=fresh, address=address, cpus_per_job=cpus_per_job)
+    return report.table(s, planned, outcomes), outcomes
+
+
 def run_sweep(spec_path, out, backend: str = "local", address: str | None = None, cpus_per_job: int = 1,
               fresh: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) the sweep of `spec_path` into `out`; returns the report (also written there)."""
     from nm_onnx.io import atomic_file, write_json
-    from nm_onnx.sweep import backends, jobs, report, spec
+    from nm_onnx.sweep import backends, report, spec
 
     t0 = time.time()
     s = spec.load_spec(spec_path)
     if backend == "ray":
         backends.import_ray()  # a missing extra is named before any work
     claim_sweep_dir(out, s.inputs(), overwrite)
-    planned = jobs.plan(s)
-    print(f"nm-onnx sweep: {len(s.models)} model(s) x {len(s.recipes)} recipe(s) x {len(s.evaluations)} "
-          f"evaluation(s) = {len(planned)} jobs ({backend})", file=sys.stderr, flush=True)
-    root = str(Path(out).resolve())
-    outcomes = backends.run(backend, root, planned, fresh=fresh, address=address, cpus_per_job=cpus_per_job)
-    rep = report.table(s, planned, outcomes)
+    rep, _ = execute(s, out, backend, address, cpus_per_job, fresh)
     rep["seconds"] = time.time() - t0
     rep["spec"] = str(spec_path)
     md = report.markdown(rep, f"nm-onnx sweep: {Path(spec_path).name}")

@@ -38,7 +38,7 @@ def outcome(root: str, job: Job, dep_outcomes: dict[str, dict], fresh: bool) -> 
     for d in job.deps:
         if dep_outcomes[d]["status"] in ("failed", "skipped"):
             why = dep_outcomes[d]["error"]
-            return {"status": "skipped", "error": why if why.startswith(("export", "calibrate", "transform"))
+            return {"status": "skipped", "error": why if why.startswith(("export", "calibrate", "autotune", "transform"))
                     else f"{d.split(':')[0]} failed: {why}"}
     try:
         status, result = run_job(root, job, {d: dep_outcomes[d]["result"] for d in job.deps}, fresh)

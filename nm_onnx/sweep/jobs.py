@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nm_onnx.errors import NmOnnxError
-from nm_onnx.sweep.spec import DENSE, ModelEntry, RecipeEntry, SweepSpec
+from nm_onnx.sweep.spec import TORCH_ONLY, ModelEntry, RecipeEntry, SweepSpec
 
 CACHE = "cache"
 
@@ -64,41 +64,76 @@ def recipe_fingerprint(source: str) -> str:
 
 
 def plan(spec: SweepSpec) -> list[Job]:
-    """Every job of the sweep, each after the jobs it depends on."""
+    """Every job of the sweep, each after the jobs it depends on.
+
+    Per model: export (or the given export), then per recipe the job that makes its sparse model
+    (calibrate + transform; autotune + transform; none for dense and weight rows), then one evaluate
+    job per evaluation. A model's autotune jobs run one after another (each depends on the previous):
+    they share one work directory, so the sensitivity and speed tables are measured once per model.
+    """
     from nm_onnx.recipe import SparsityRecipe
 
     jobs: list[Job] = []
     for m in spec.models:
-        export = Job(f"export:{m.name}", "export", _digest({"k": "export", "src": source_fingerprint(m.source)}),
-                     {"source": m.source, "onnx": m.onnx})
+        given = m.source if m.onnx else m.export
+        hf = None if m.onnx else source_fingerprint(m.source)  # the PyTorch model's identity
+        export = Job(f"export:{m.name}", "export",
+                     _digest({"k": "export", "src": source_fingerprint(given or m.source)}),
+                     {"source": m.source, "given": given})
         jobs.append(export)
+        previous_autotune = None
         for r in spec.recipes:
             cell = (m.name, r.name)
-            model_job = export
-            if r.source != DENSE:
-                rec = recipe_fingerprint(r.source)
-                deps = [export.id]
-                cal_key = None
+            model_job, recipe_key = export, None
+            torch_deps: dict[str, str] = {}  # what the PyTorch twin needs besides the recipe: cal / recipe job
+            if r.kind == "autotune":
+                work = _digest({"k": "autotune-work", "src": export.key, "hf": hf, "s": spec.autotune,
+                                "threads": spec.threads})
+                tune = Job(f"autotune:{m.name}/{r.name}", "autotune",
+                           _digest({"k": "autotune", "work": work, "budget": r.source}),
+                           {"source": m.source, "budget": r.source, "settings": spec.autotune, "work": work,
+                            "threads": spec.threads},
+                           tuple(d for d in (export.id, previous_autotune) if d), cell)
+                jobs.append(tune)
+                previous_autotune = tune.id
+                recipe_key, torch_deps = tune.key, {"recipe_dep": tune.id}
+            elif r.kind == "recipe":
+                recipe_key = recipe_fingerprint(r.source)
                 if SparsityRecipe.load(r.source).needs_calibration:
                     cal = Job(f"calibrate:{m.name}/{r.name}", "calibrate",
-                              _digest({"k": "calibrate", "src": export.key, "recipe": rec, **spec.calibration}),
+                              _digest({"k": "calibrate", "src": export.key, "hf": hf, "recipe": recipe_key,
+                                       **spec.calibration}),
                               {"source": m.source, "onnx": m.onnx, "recipe": r.source, **spec.calibration},
                               cell=cell)
                     jobs.append(cal)
-                    deps.append(cal.id)
-                    cal_key = cal.key
+                    torch_deps = {"cal_dep": cal.id}
+            if recipe_key is not None:
+                dep = next(iter(torch_deps.values()), None)
+                cal_key = next((j.key for j in jobs if j.id == dep), None)
                 model_job = Job(f"transform:{m.name}/{r.name}", "transform",
-                                _digest({"k": "transform", "dense": export.key, "recipe": rec, "cal": cal_key}),
-                                {"recipe": r.source}, tuple(deps), cell)
+                                _digest({"k": "transform", "dense": export.key, "recipe": recipe_key, "cal": cal_key}),
+                                {"recipe": r.source if r.kind == "recipe" else None, **torch_deps},
+                                tuple(d for d in (export.id, dep) if d), cell)
                 jobs.append(model_job)
             for ev, settings in spec.evaluations.items():
-                data = settings.get("data") if ev == "perplexity" else None
+                if r.kind == "weight" and ev not in TORCH_ONLY:
+                    continue  # a weight-pruned model exists in PyTorch only
+                data = settings.get("data")
                 content = source_fingerprint(data) if data and Path(data).is_file() else None  # a text file
-                deps = tuple(dict.fromkeys([model_job.id, export.id]))  # the dense export: tokenizer, bench baseline
+                torch_side = ev == "twin" or r.kind == "weight"
+                deps = tuple(dict.fromkeys([model_job.id, export.id, *(torch_deps.values() if torch_side else ())]))
+                params = {"evaluation": ev, "settings": settings, "threads": spec.threads,
+                          "model_dep": model_job.id, "dense_dep": export.id}
+                if torch_side:
+                    params.update(source=m.source, recipe=r.source if r.kind in ("recipe", "weight") else None,
+                                  kind=r.kind, **torch_deps)
                 jobs.append(Job(f"evaluate:{m.name}/{r.name}/{ev}", "evaluate",
                                 _digest({"k": ev, "model": model_job.key, "dense": export.key, "s": settings,
-                                         "data": content, "threads": spec.threads}),
-                                {"evaluation": ev, "settings": settings, "threads": spec.threads}, deps, cell))
+                                         "data": content, "threads": spec.threads,
+                                         **({"hf": hf, "kind": r.kind, "recipe": recipe_key or r.source,
+                                             "cal": [j.key for j in jobs if j.id in torch_deps.values()]}
+                                            if torch_side else {})}),
+                                params, deps, cell))
     return jobs
 
 
@@ -112,8 +147,8 @@ def cached(root, job: Job) -> dict | None:
     """The job's result when its cache entry exists (complete: entries appear atomically), else None."""
     from nm_onnx.io import read_manifest
 
-    if job.kind == "export" and job.params["onnx"]:
-        return {"dir": job.params["source"]}
+    if job.kind == "export" and job.params["given"]:
+        return {"dir": job.params["given"]}
     p = entry(root, job)
     if job.kind == "evaluate":
         try:
@@ -121,7 +156,20 @@ def cached(root, job: Job) -> dict | None:
         except (OSError, ValueError, KeyError):
             return None
     mark = read_manifest(p)
-    return {"dir": str(p)} if mark is not None and mark.get("kind") in ("export", "calibration", "transform") else None
+    if mark is None or mark.get("kind") not in ("export", "calibration", "transform", "autotune"):
+        return None
+    return _autotune_result(p) if job.kind == "autotune" else {"dir": str(p)}
+
+
+def _autotune_result(out: Path) -> dict:
+    """What the report needs from an autotune output: its recipe, verified numbers, MAC-weighted sparsity."""
+    rep = json.loads((out / "report.json").read_text())
+    res = {"dir": str(out), "recipe": str(out / "recipe.json"), "within_budget": rep["within_budget"],
+           "verified_ppl": rep["verified"]["perplexity"], "sparsity": rep.get("sparsity")}
+    if not rep["within_budget"]:
+        res["note"] = (f"autotune {rep['budget']}: no round verified within the budget; the recipe is the "
+                       f"tightest one tried (perplexity {rep['verified']['perplexity']:.3f})")
+    return res
 
 
 def run_job(root: str, job: Job, deps: dict[str, dict], fresh: bool = False) -> tuple[str, dict]:
@@ -139,22 +187,54 @@ def run_job(root: str, job: Job, deps: dict[str, dict], fresh: bool = False) -> 
     if job.kind == "calibrate":
         _calibrate(job.params, out, fresh)
         return "computed", {"dir": str(out)}
+    if job.kind == "autotune":
+        work = Path(root) / CACHE / "autotune-work" / job.params["work"]
+        if fresh and len(job.deps) == 1 and work.is_dir():  # the model's first budget: measure the tables anew
+            import shutil
+
+            shutil.rmtree(work)
+        _autotune(job.params, deps[job.deps[0]]["dir"], out, work, fresh)
+        return "computed", _autotune_result(out)
     if job.kind == "transform":
         from nm_onnx.transform import transform
 
-        dense = deps[job.deps[0]]["dir"]
-        cal = deps[job.deps[1]]["dir"] if len(job.deps) > 1 else None
-        transform(dense, out, job.params["recipe"], calibration=cal, overwrite=fresh)
+        p = job.params
+        recipe = deps[p["recipe_dep"]]["recipe"] if "recipe_dep" in p else p["recipe"]
+        cal = deps[p["cal_dep"]]["dir"] if "cal_dep" in p else None
+        transform(deps[job.deps[0]]["dir"], out, recipe, calibration=cal, overwrite=fresh)
         return "computed", {"dir": str(out)}
     if job.kind == "evaluate":
         from nm_onnx.io import write_json
 
-        model = deps[job.deps[0]]["dir"]
-        dense = deps[job.deps[-1]]["dir"]
-        result = evaluate(job.params["evaluation"], job.params["settings"], model, dense, job.params["threads"])
+        p = job.params
+        model, dense = deps[p["model_dep"]]["dir"], deps[p["dense_dep"]]["dir"]
+        if "kind" in p:  # the PyTorch side: twin, or a weight-pruned row
+            recipe = deps[p["recipe_dep"]]["recipe"] if "recipe_dep" in p else p["recipe"]
+            cal = deps[p["cal_dep"]]["dir"] if "cal_dep" in p else None
+            result = evaluate_torch(p["evaluation"], p["settings"], p["source"], p["kind"], recipe, cal, model, dense,
+                                    p["threads"])
+        else:
+            result = evaluate(p["evaluation"], p["settings"], model, dense, p["threads"])
         write_json(out, {"job": job.id, "result": result})
         return "computed", result
     raise NmOnnxError(f"unknown job kind {job.kind!r}")
+
+
+def _autotune(p: dict, export_dir: str, out: Path, work: Path, fresh: bool) -> None:
+    """`nm-onnx autotune` for one budget; the model's work directory (tables, verified points) is shared."""
+    from nm_onnx.autotune.run import autotune, export_sites
+    from nm_onnx.autotune.spec import parse_budget, parse_candidates
+    from nm_onnx.recipe import SparsityRecipe
+
+    s = p["settings"]
+    base = SparsityRecipe.load(s["base_recipe"])
+    candidates = parse_candidates(s["candidates"])
+    export_sites(export_dir, base, candidates)  # candidates that do not divide K: one line before the tables
+    autotune(p["source"], export_dir, out, parse_budget(p["budget"]), candidates, base, work,
+             samples=s["samples"], seqlen=s["seqlen"], check=s["check"], eval_data=s["eval_data"], eval_limit=s["limit"],
+             eval_seqlen=s["eval_seqlen"], prompt=s["prompt"], decode=s["decode"], repeats=s["repeats"],
+             threads=p["threads"], speed_repeats=s["speed_repeats"], uniform=(), max_rounds=s["max_rounds"],
+             overwrite=fresh, progress=False, keep_work=True)
 
 
 def _calibrate(p: dict, out: Path, fresh: bool) -> None:
@@ -186,13 +266,9 @@ def evaluate(kind: str, s: dict, model: str, dense: str, threads=None) -> dict:
     sess = make_session(model, threads=threads)
     tok = load_tokenizer(dense)
     if kind == "perplexity":
-        from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
         from nm_onnx.evaluation.perplexity import perplexity_onnx
-        from nm_onnx.models import check_context
 
-        check_context(dense, s["seqlen"], "evaluations.perplexity.seqlen")
-        text = load_eval_text(s["data"])
-        windows = eval_windows(tokenize(tok, text.text), s["seqlen"], s["windows"] or None, bos_id(tok, "auto"))
+        windows = _windows(tok, s, dense, "evaluations.perplexity.seqlen")
         return {"ppl": perplexity_onnx(sess, windows, progress=False).perplexity}
     if kind == "lm_eval":
         from nm_onnx.evaluation.lm_eval_adapter import evaluate_tasks
@@ -212,6 +288,45 @@ def evaluate(kind: str, s: dict, model: str, dense: str, threads=None) -> dict:
         out.update(paired_speedup(r["model"], r["dense"]))
         return out
     raise NmOnnxError(f"unknown evaluation {kind!r}")
+
+
+def _windows(tok, s: dict, dense: str, option: str):
+    from nm_onnx.data import bos_id, eval_windows, load_eval_text, tokenize
+    from nm_onnx.models import check_context
+
+    check_context(dense, s["seqlen"], option)
+    text = load_eval_text(s["data"])
+    return eval_windows(tokenize(tok, text.text), s["seqlen"], s["windows"] or None, bos_id(tok, "auto"))
+
+
+def evaluate_torch(kind: str, s: dict, source: str, row: str, recipe, calibration, model: str, dense: str,
+                   threads=None) -> dict:
+    """The PyTorch side of a row: `twin` (the reference simulation of the recipe and ORT on the same
+    windows) or the perplexity of a weight-pruned model (`row` = weight, `recipe` its N:M pattern)."""
+    from nm_onnx.evaluation.tokenizer import load_tokenizer
+    from nm_onnx.models import load_hf_model, resolve_model
+    from nm_onnx.reference.perplexity import nll_torch
+
+    tok = load_tokenizer(dense)
+    windows = _windows(tok, s, dense, f"evaluations.{kind}.seqlen")
+    torch_model, _ = load_hf_model(resolve_model(source))
+    if row == "weight":
+        from nm_onnx.reference import apply_weight_pruning
+
+        apply_weight_pruning(torch_model, recipe, "magnitude")
+        return {"ppl_torch": nll_torch(torch_model, windows).perplexity}
+    if kind != "twin":
+        raise NmOnnxError(f"evaluation {kind!r} has no PyTorch side")
+    from nm_onnx.evaluation.perplexity import perplexity_onnx
+    from nm_onnx.runtime import make_session
+
+    if row != "dense":
+        from nm_onnx.calibration import load_artifact
+        from nm_onnx.reference import sparsify_model
+
+        sparsify_model(torch_model, recipe, load_artifact(calibration) if calibration else None)
+    return {"ppl_torch": nll_torch(torch_model, windows).perplexity,
+            "ppl_ort": perplexity_onnx(make_session(model, threads=threads), windows, progress=False).perplexity}
 
 
 def cells(spec: SweepSpec) -> list[tuple[ModelEntry, RecipeEntry]]:

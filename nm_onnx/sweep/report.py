@@ -15,11 +15,17 @@ def table(spec: SweepSpec, jobs: list[Job], outcomes: dict[str, dict]) -> dict:
     rows = []
     for m in spec.models:
         for r in spec.recipes:
-            row = {"model": m.name, "recipe": r.name, "recipe_source": r.source, "metrics": {}, "errors": {}}
+            row = {"model": m.name, "recipe": r.name, "recipe_source": r.source, "kind": r.kind, "metrics": {},
+                   "errors": {}, "info": {}, "notes": []}
             for job in jobs:
-                if job.kind != "evaluate" or job.cell != (m.name, r.name):
+                if job.cell != (m.name, r.name):
                     continue
                 o = outcomes[job.id]
+                if job.kind == "autotune" and "result" in o:  # the chosen recipe's verified numbers
+                    row["info"].update({k: v for k, v in o["result"].items() if k not in ("dir", "note", "recipe")})
+                    row["notes"] += [o["result"]["note"]] if "note" in o["result"] else []
+                if job.kind != "evaluate":
+                    continue
                 ev = job.params["evaluation"]
                 if "result" in o:
                     row["metrics"].update({f"{ev}.{k}": v for k, v in o["result"].items()})
@@ -70,5 +76,10 @@ def markdown(report: dict, title: str = "nm-onnx sweep") -> str:
                          for ev, s in report["evaluations"].items())
     jobs = ", ".join(f"{n} {k}" for k, n in sorted(report["jobs"].items()))
     lines += ["", ("Values with their difference to the same model's dense row in parentheses (ppl: lower is "
-                   "better; *_speedup: vs dense, > 1 is faster)."), f"Settings: {settings}.", f"Jobs: {jobs}."]
+                   "better; *_speedup: vs dense, > 1 is faster; twin: the PyTorch reference simulation and ORT on "
+                   "the same windows; ppl_torch of a weight-pruning row: the PyTorch reference, the only runtime "
+                   "it has)."), f"Settings: {settings}.", f"Jobs: {jobs}."]
+    notes = [f"- {row['model']} / {row['recipe']}: {n}" for row in report["rows"] for n in row.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)

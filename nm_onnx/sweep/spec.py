@@ -4,11 +4,20 @@
     name = "llama"                   # optional (default: the source's last path part)
     source = "path/to/hf-dir"        # alias, HF directory, .gguf, optimum or GenAI export directory
 
-    recipes = ["8:16-magnitude", "recipes/mine.json"]   # presets or recipe files; dense always runs
+    recipes = ["8:16-magnitude", "recipes/mine.json", "autotune:+5%", "weight:8:16"]
+                                     # presets, recipe files, autotune budgets (`nm-onnx autotune`'s
+                                     # recipe for that budget) and weight-pruning baselines (the PyTorch
+                                     # reference's magnitude N:M weight pruning); dense always runs
 
     [calibration]                    # optional: the budget of recipes that need constants
     samples = 16
     seqlen = 256
+
+    [autotune]                       # optional: the settings of every autotune:BUDGET recipe
+    candidates = "dense,12:16,10:16,8:16,6:16"
+    samples = 8                      # calibration windows for the sensitivity (and seqlen, check,
+    max_rounds = 3                   # limit, eval_seqlen, prompt, decode, repeats, speed_repeats,
+                                     # base_recipe: as `nm-onnx autotune`'s options)
 
     [evaluations.perplexity]         # any of perplexity, lm_eval, bench
     windows = 8                      # 0 = all
@@ -22,6 +31,14 @@
     prompt = 128
     decode = 32
     repeats = 3
+    [evaluations.twin]               # the PyTorch reference simulation of the recipe on the first
+    windows = 1                      # windows of the perplexity text, next to ORT on the same windows
+    seqlen = 512
+    data = "wikitext2"
+
+A weight-pruning row exists in PyTorch only: its perplexity is the reference's (`perplexity.ppl_torch`),
+and bench, lm_eval and twin do not apply to it. Autotune, twin and weight rows need the model's
+Hugging Face source (torch), not an ONNX export.
 
 Every key is checked (unknown keys, types, model sources, recipes, tasks, data files) and a bad one is
 one NmOnnxError line naming it (`spec 'S': models[1].source: ...`), before torch is imported.
@@ -41,22 +58,34 @@ EVALUATIONS = {  # evaluation -> {key: (type, default)}
     "perplexity": {"windows": (int, 8), "seqlen": (int, 512), "data": (str, "wikitext2")},
     "lm_eval": {"tasks": (list, None), "limit": (int, 0), "batch_size": (int, 1)},
     "bench": {"prompt": (int, 128), "decode": (int, 32), "repeats": (int, 3)},
+    "twin": {"windows": (int, 1), "seqlen": (int, 512), "data": (str, "wikitext2")},
 }
+TORCH_ONLY = ("perplexity",)  # the evaluations a weight-pruning row gets (in PyTorch)
 CALIBRATION = {"samples": (int, 16), "seqlen": (int, 256)}
-TOP_KEYS = ("models", "recipes", "evaluations", "calibration", "threads")
+AUTOTUNE = {  # `nm-onnx autotune`'s settings (nm_onnx.autotune.run.autotune keywords) a spec may set
+    "candidates": (str, "dense,12:16,10:16,8:16,6:16"), "base_recipe": (str, "8:16-magnitude"),
+    "samples": (int, 8), "seqlen": (int, 256), "check": (int, 8), "limit": (int, 8), "eval_seqlen": (int, 512),
+    "eval_data": (str, "wikitext2"),
+    "prompt": (int, 128), "decode": (int, 32), "repeats": (int, 3), "speed_repeats": (int, 200),
+    "max_rounds": (int, 3),
+}
+TOP_KEYS = ("models", "recipes", "evaluations", "calibration", "autotune", "threads")
+RECIPE_KINDS = ("recipe", "dense", "autotune", "weight")
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
     source: str
-    onnx: bool  # an existing ONNX export (optimum or GenAI): used as the dense model, never re-exported
+    onnx: bool  # the source is an ONNX export (optimum or GenAI): used as the dense model, never re-exported
+    export: str | None = None  # an existing export of a Hugging Face source: the dense model (not re-exported)
 
 
 @dataclass(frozen=True)
 class RecipeEntry:
     name: str
-    source: str  # preset name or recipe file path ("dense" for the baseline)
+    source: str  # preset name or recipe file path ("dense"; the budget of autotune; the pattern of weight)
+    kind: str = "recipe"  # one of RECIPE_KINDS
 
 
 @dataclass
@@ -67,12 +96,15 @@ class SweepSpec:
     evaluations: dict[str, dict] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     threads: int | None = None
+    autotune: dict = field(default_factory=dict)
 
     def inputs(self) -> list[str]:
         """Paths the sweep reads (the output may not be, contain or lie inside any of them)."""
         paths = [str(self.path)]
-        paths += [m.source for m in self.models if Path(m.source).exists()]
-        paths += [r.source for r in self.recipes if r.source != DENSE and Path(r.source).exists()]
+        paths += [p for m in self.models for p in (m.source, m.export) if p and Path(p).exists()]
+        paths += [r.source for r in self.recipes if r.kind == "recipe" and Path(r.source).exists()]
+        if any(r.kind == "autotune" for r in self.recipes) and Path(self.autotune["base_recipe"]).exists():
+            paths.append(self.autotune["base_recipe"])
         return paths
 
 
@@ -143,19 +175,29 @@ def _model(where: str, item, base: Path) -> ModelEntry:
 
     if isinstance(item, str):
         item = {"source": item}
-    d = _table(where, item, {"name": (str, ""), "source": (str, None)})
-    src = d["source"]
-    p = Path(src).expanduser()
-    if not p.is_absolute() and not p.exists() and (base / p).exists():
-        src, p = str(base / p), base / p
-    onnx = _is_onnx_export(p)
+    d = _table(where, item, {"name": (str, ""), "source": (str, None), "export": (str, "")})
+    src = _local(d["source"], base)
+    onnx = _is_onnx_export(Path(src))
     if not onnx:
         try:
             check_model_source(src)
         except NmOnnxError as e:
             raise NmOnnxError(f"{where}.source: {e} (or an ONNX export directory)") from None
+    export = _local(d["export"], base) if d["export"] else None
+    if export is not None:
+        if onnx:
+            raise NmOnnxError(f"{where}.export: the source is already an ONNX export; drop export")
+        if not _is_onnx_export(Path(export)):
+            raise NmOnnxError(f"{where}.export: '{d['export']}' is not an ONNX export directory "
+                              "(model.onnx or genai_config.json); run `nm-onnx export` or drop export")
     name = d["name"] or (Path(src).name if Path(src).exists() else src)
-    return ModelEntry(name, src, onnx)
+    return ModelEntry(name, src, onnx, export)
+
+
+def _local(src: str, base: Path) -> str:
+    """A relative path that exists beside the spec (and not here) is read from there."""
+    p = Path(src).expanduser()
+    return str(base / p) if not p.is_absolute() and not p.exists() and (base / p).exists() else src
 
 
 def _recipe(where: str, item, base: Path) -> RecipeEntry:
@@ -165,14 +207,32 @@ def _recipe(where: str, item, base: Path) -> RecipeEntry:
         item = {"source": item}
     d = _table(where, item, {"name": (str, ""), "source": (str, None)})
     src = d["source"]
-    if src != DENSE:
-        p = Path(src).expanduser()
-        if not p.is_absolute() and not p.exists() and (base / p).exists():
-            src = str(base / p)
+    kind, _, arg = src.partition(":")
+    if kind == "autotune" and arg:
+        from nm_onnx.autotune.spec import parse_budget
+
         try:
-            SparsityRecipe.load(src).validate()
+            budget = str(parse_budget(arg))
         except NmOnnxError as e:
             raise NmOnnxError(f"{where}.source: {e}") from None
+        return RecipeEntry(d["name"] or f"autotune {budget}", budget, "autotune")
+    if kind == "weight" and arg:
+        from nm_onnx.recipe import parse_pattern
+
+        try:
+            n, _, _ = parse_pattern(arg)
+        except NmOnnxError as e:
+            raise NmOnnxError(f"{where}.source: {e}") from None
+        if n is None:
+            raise NmOnnxError(f"{where}.source: weight pruning needs an N:M pattern, got '{arg}'")
+        return RecipeEntry(d["name"] or f"{arg} weight pruning", arg, "weight")
+    if src == DENSE:
+        return RecipeEntry(DENSE, DENSE, "dense")
+    src = _local(src, base)
+    try:
+        SparsityRecipe.load(src).validate()
+    except NmOnnxError as e:
+        raise NmOnnxError(f"{where}.source: {e} (or autotune:BUDGET, weight:N:M)") from None
     default = Path(src).stem if Path(src).is_file() else src  # a file: its stem; a preset: its name
     return RecipeEntry(d["name"] or default, src)
 
@@ -203,7 +263,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     models = [_model(f"{w}: models[{i}]", m, base) for i, m in enumerate(d["models"])]
     _unique(f"{w}: models", [m.name for m in models])
     recipes = [_recipe(f"{w}: recipes[{i}]", r, base) for i, r in enumerate(d["recipes"])]
-    recipes = [RecipeEntry(DENSE, DENSE)] + [r for r in recipes if r.source != DENSE]
+    recipes = [RecipeEntry(DENSE, DENSE, "dense")] + [r for r in recipes if r.kind != "dense"]
     _unique(f"{w}: recipes", [r.name for r in recipes])
     ev = d["evaluations"]
     if not isinstance(ev, dict) or not ev:
@@ -214,23 +274,61 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     evaluations = {k: _table(f"{w}: evaluations.{k}", ev[k], EVALUATIONS[k]) for k in EVALUATIONS if k in ev}
     _check_evaluations(w, evaluations, base)
     calibration = _table(f"{w}: calibration", d.get("calibration", {}), CALIBRATION)
+    autotune = _table(f"{w}: autotune", d.get("autotune", {}), AUTOTUNE)
+    if any(r.kind == "autotune" for r in recipes):
+        _check_autotune(f"{w}: autotune", autotune, base)
+    needs_torch = [r.name for r in recipes if r.kind in ("autotune", "weight")] + (["twin"] if "twin" in ev else [])
+    for i, m in enumerate(models):
+        if m.onnx and needs_torch:
+            raise NmOnnxError(f"{w}: models[{i}].source: '{m.source}' is an ONNX export, but {needs_torch[0]} "
+                              "runs the PyTorch model: give its Hugging Face source (and export = the export)")
     threads = d.get("threads")
     if threads is not None:
         _typed(f"{w}: threads", threads, int)
-    return SweepSpec(path, models, recipes, evaluations, calibration, threads or None)
+    return SweepSpec(path, models, recipes, evaluations, calibration, threads or None, autotune)
+
+
+def _check_autotune(w: str, a: dict, base: Path) -> None:
+    from nm_onnx.autotune.run import check_base_recipe
+    from nm_onnx.autotune.spec import parse_candidates
+    from nm_onnx.recipe import SparsityRecipe
+
+    try:
+        a["candidates"] = ",".join(parse_candidates(a["candidates"]))
+    except NmOnnxError as e:
+        raise NmOnnxError(f"{w}.candidates: {e}") from None
+    a["base_recipe"] = _local(a["base_recipe"], base)
+    if a["eval_data"] != "wikitext2":
+        a["eval_data"] = _local(a["eval_data"], base)
+        if not Path(a["eval_data"]).is_file():
+            raise NmOnnxError(f"{w}.eval_data: '{a['eval_data']}' is neither 'wikitext2' nor an existing text file")
+    try:
+        check_base_recipe(SparsityRecipe.load(a["base_recipe"]).validate())
+    except NmOnnxError as e:
+        raise NmOnnxError(f"{w}.base_recipe: {e}") from None
+    for key in ("samples", "limit", "prompt", "decode", "repeats", "speed_repeats", "max_rounds"):
+        if a[key] < 1:
+            raise NmOnnxError(f"{w}.{key}: must be at least 1, got {a[key]}")
+    for key in ("seqlen", "eval_seqlen"):
+        if a[key] < 2:
+            raise NmOnnxError(f"{w}.{key}: must be at least 2, got {a[key]}")
 
 
 def _check_evaluations(w: str, ev: dict, base: Path) -> None:
-    if "perplexity" in ev:
-        p = ev["perplexity"]
+    for kind in ("perplexity", "twin"):
+        if kind not in ev:
+            continue
+        p = ev[kind]
         if p["seqlen"] < 2:
-            raise NmOnnxError(f"{w}: evaluations.perplexity.seqlen: must be at least 2, got {p['seqlen']}")
+            raise NmOnnxError(f"{w}: evaluations.{kind}.seqlen: must be at least 2, got {p['seqlen']}")
+        if kind == "twin" and p["windows"] < 1:
+            raise NmOnnxError(f"{w}: evaluations.twin.windows: must be at least 1 (the reference is slow: 1-2)")
         data = p["data"]
         if data != "wikitext2":
             f = Path(data).expanduser()
             f = f if f.is_absolute() or f.exists() else base / f
             if not f.is_file():
-                raise NmOnnxError(f"{w}: evaluations.perplexity.data: '{data}' is neither 'wikitext2' nor an "
+                raise NmOnnxError(f"{w}: evaluations.{kind}.data: '{data}' is neither 'wikitext2' nor an "
                                   "existing text file")
             p["data"] = str(f)
     if "lm_eval" in ev:
