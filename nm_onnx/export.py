@@ -58,11 +58,24 @@ def export(
     task = "text-generation-with-past" if with_past else "text-generation"
     print(f"nm-onnx: exporting {source} ({task}, opset {opset}) ...", file=sys.stderr)
     with atomic_dir(out_dir, "export", overwrite, inputs=[*given, hf_dir]) as tmp:
+        kwargs = {"output": str(tmp), "task": task, "opset": opset, "device": "cpu", "do_validation": False,
+                  "local_files_only": True, "library_name": "transformers"}
         try:
-            main_export(
-                str(hf_dir), output=str(tmp), task=task, opset=opset, device="cpu",
-                do_validation=False, local_files_only=True, library_name="transformers",
-            )
+            try:
+                main_export(str(hf_dir), **kwargs)
+            except RuntimeError as e:
+                if "post-processing of the ONNX export failed" not in str(e):
+                    raise
+                # optimum's post-processing (deduplicating tied weights) loads the whole model into one
+                # protobuf, which cannot exceed 2 GB: export again without it (tied weights stay separate)
+                cause = e.__cause__ or e.__context__
+                print(f"nm-onnx: optimum's post-processing failed ({type(cause).__name__}: "
+                      f"{str(cause).splitlines()[0][:200] if cause else 'no cause given'}); exporting again "
+                      "without it (a tied lm_head keeps its own copy of the weight)", file=sys.stderr)
+                for f in tmp.iterdir():
+                    if f.is_file():
+                        f.unlink()
+                main_export(str(hf_dir), **kwargs, no_post_process=True)
         except NmOnnxError:
             raise
         except Exception as e:  # optimum raises ValueError/KeyError/... for unsupported models

@@ -108,6 +108,25 @@ def test_model_file_with_external_data_stays_external(tmp_path):
     assert sess.run(["logits"], make_feed(sess, IDS))[0].shape == (2, 24, 512)
 
 
+def test_constants_in_external_data_are_carried_over(tmp_path):
+    """Exports too big for optimum's post-processing keep Constant values in the external data file too;
+    the output must not refer to them in its own (same-named) data file: identical logits."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    src = tiny_export("llama")
+    m = onnx.load(str(src / "model.onnx"))
+    convert_model_to_external_data(m, location="model.onnx_data", size_threshold=0, convert_attribute=True)
+    d = tmp_path / "dense"
+    d.mkdir()
+    onnx.save(m, str(d / "model.onnx"))
+    m = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    assert any(a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL
+               for n in m.graph.node for a in n.attribute)
+    transform(d, tmp_path / "a", "8:16-magnitude")  # dir out: model.onnx + model.onnx_data, as the source
+    transform(src, tmp_path / "b", "8:16-magnitude")
+    np.testing.assert_array_equal(logits(tmp_path / "a"), logits(tmp_path / "b"))
+
+
 def test_errors_leave_nothing_behind(tmp_path):
     src = tiny_export("llama")
     with pytest.raises(NmOnnxError, match="does not divide K=64 at site 'model.layers.0.self_attn.q_proj'"):
