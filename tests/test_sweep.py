@@ -71,6 +71,13 @@ def test_failing_job_is_reported_in_its_cell(local):
     assert "error: transform failed: recipe 'bad-6-24'" in (out / "report.md").read_text()
 
 
+def test_cli_exit_1_when_a_job_failed(local):
+    spec, out, _ = local
+    r = run_cli("sweep", spec, "--out", out, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 1 and "4 job(s) failed or were skipped" in r.stderr  # 2 transforms, 2 evaluations, r.stderr[-2000:]
+    assert "error: transform failed" in (out / "report.md").read_text()  # the report is still written
+
+
 def test_rerun_computes_nothing(local):
     spec, out, rep = local
     again = run_sweep(spec, out)

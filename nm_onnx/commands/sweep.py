@@ -25,4 +25,12 @@ def run(args) -> int:
     if args.address and args.backend != "ray":
         raise NmOnnxError("--address is for --backend ray; add --backend ray or drop --address")
     rep = run_sweep(args.spec, args.out, args.backend, args.address, args.cpus_per_job, args.fresh, args.overwrite)
-    return 0 if rep["rows"] else 2
+    if not rep["rows"]:
+        return 2
+    failed = rep["jobs"].get("failed", 0) + rep["jobs"].get("skipped", 0)
+    if failed:  # the report is complete; its cells name the errors. Exit 1 so a script notices.
+        import sys
+
+        print(f"nm-onnx sweep: {failed} job(s) failed or were skipped (their cells say why)", file=sys.stderr)
+        return 1
+    return 0
