@@ -23,11 +23,11 @@ plain() {  # dense sparse threads prompt decode repeats
 }
 for t in 1 2; do
   og g g-8x16 $t 128 32 7
-  og g g-8x16 $t 512 1 5
+  og g g-8x16 $t 512 0 5
   plain o o-8x16 $t 128 32 7
   plain o o-8x16 $t 512 0 5
   og g-1.7b g-1.7b-8x16 $t 128 16 5
-  og g-1.7b g-1.7b-8x16 $t 512 1 3
+  og g-1.7b g-1.7b-8x16 $t 512 0 3
   plain o-1.7b o-1.7b-8x16 $t 128 16 3
   plain o-1.7b o-1.7b-8x16 $t 512 0 3
 done

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("dense", help="dense GenAI directory (the baseline)")
     ap.add_argument("models", nargs="+", help="GenAI directories to compare with it (e.g. transformed ones)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
-    ap.add_argument("--decode", type=int, default=32, help="decode steps timed per repeat")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps timed per repeat (0: prefill only)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -89,16 +89,17 @@ def main(argv=None) -> int:
         rows.append({
             "model": d,
             "prefill_ms": 1e3 * statistics.median(pre),
-            "decode_tok_s": args.decode / statistics.median(dec),
+            "decode_tok_s": args.decode / statistics.median(dec) if args.decode else None,
             "prefill_speedup": statistics.median(b[0] / t[0] for b, t in zip(base, times[d])),
-            "decode_speedup": statistics.median(b[1] / t[1] for b, t in zip(base, times[d])),
+            "decode_speedup": statistics.median(b[1] / t[1] for b, t in zip(base, times[d])) if args.decode else None,
         })
     print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps, {args.repeats} interleaved repeats, "
           f"{args.threads} threads\n")
     print("| model | prefill ms | decode tok/s | prefill speedup | decode speedup |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_speedup']:.2f}x | "
-              f"{r['decode_speedup']:.2f}x |")
+        dec = "– | –" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x"
+        tok_s, speedup = dec.split(" | ")
+        print(f"| {r['model']} | {r['prefill_ms']:.1f} | {tok_s} | {r['prefill_speedup']:.2f}x | {speedup} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
