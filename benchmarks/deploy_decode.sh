@@ -3,10 +3,13 @@
 # builder graphs) and plain ORT sessions (optimum graphs), 1 and 2 threads, prompt 128 (+32 or 16 decode
 # steps) and 512. Every pair interleaved in one process; medians of pair ratios (genai_decode.py, bench).
 #
-#   bash benchmarks/deploy_decode.sh RUNS    # RUNS holds the directories below (made by the commands in
-#                                            # benchmarks/RESULTS.md, "Deployment decode table")
-#   SmolLM2-135M:   g, g-8x16 (GenAI fp32)   o, o-8x16 (optimum)
-#   1.7B-shaped:    g-1.7b, g-1.7b-8x16      o-1.7b, o-1.7b-8x16
+#   bash benchmarks/deploy_decode.sh RUNS    # RUNS holds the directories below, made by
+#     nm-onnx export smollm2-135m RUNS/g --format genai;  nm-onnx export smollm2-135m RUNS/o
+#     python benchmarks/random_hf.py RUNS/hf-1.7b-random
+#     nm-onnx export RUNS/hf-1.7b-random RUNS/g-1.7b --format genai;  nm-onnx export RUNS/hf-1.7b-random RUNS/o-1.7b
+#     nm-onnx transform RUNS/X RUNS/X-8x16 --recipe 8:16-magnitude    # X in g, o, g-1.7b, o-1.7b
+#   (about 35 GB of disk and 20 GB of memory for the 1.7B pairs; results: benchmarks/RESULTS.md,
+#   "Deployment decode table")
 set -euo pipefail
 R=${1:?usage: deploy_decode.sh RUNS_DIR}
 PY=${PYTHON:-.venv/bin/python}

@@ -97,8 +97,8 @@ def main(argv=None) -> int:
           f"{args.threads} threads\n")
     print("| model | prefill ms | decode tok/s | prefill speedup | decode speedup |\n|---|---|---|---|---|")
     for r in rows:
-        dec = "– | –" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x"
-        tok_s, speedup = dec.split(" | ")
+        tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+        speedup = "–" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x"
         print(f"| {r['model']} | {r['prefill_ms']:.1f} | {tok_s} | {r['prefill_speedup']:.2f}x | {speedup} |")
     if args.json_out:
         with open(args.json_out, "w") as f:

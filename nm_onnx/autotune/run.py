@@ -169,7 +169,8 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
     report = {
         "model": str(model_source), "export": str(export_dir), "budget": str(budget), "budget_nll": budget.nll,
         "candidates": candidates, "base_recipe": base.name, "within_budget": accepted is not None,
-        "recipe": chosen_recipe.to_dict(), "sparsity": chosen_recipe.mac_sparsity({s.module: (s.k, s.o) for s in sites}), "verified": verified, "dense": dense, "uniform": uniform_points,
+        "recipe": chosen_recipe.to_dict(), "sparsity": chosen_recipe.mac_sparsity({s.module: (s.k, s.o) for s in sites}),
+        "verified": verified, "dense": dense, "uniform": uniform_points,
         "rounds": rounds, "groups": group_rows, "eval_data": eval_data, "machine": cpu_info(),
         "bench": {"prompt": prompt, "decode": decode, "repeats": repeats, "threads": threads},
         "sensitivity": {"data": text.source, "windows": len(windows), "seqlen": int(windows.shape[1]),

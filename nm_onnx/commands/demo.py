@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from nm_onnx.autotune.spec import DEFAULT_CANDIDATES
 from nm_onnx.commands._args import at_least, non_negative, positive
 from nm_onnx.models import DEFAULT_MODEL
 
@@ -109,7 +110,10 @@ def grid(args) -> list[Config]:
     if not args.only:
         return rows
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    only = {f"autotune:{parse_budget(o.split(':', 1)[1])}" if o.startswith("autotune:") else o for o in only}
+    try:
+        only = {f"autotune:{parse_budget(o.split(':', 1)[1])}" if o.startswith("autotune:") else o for o in only}
+    except NmOnnxError as e:
+        raise NmOnnxError(f"--only: {e}") from None
     known = {c.key for c in rows if c.kind != "dense"}
     bad = only - known
     if bad:
@@ -136,8 +140,8 @@ def spec_text(args, rows: list[Config]) -> str:
     lines += ["", "[calibration]", f"samples = {args.calib_samples}", f"seqlen = {args.calib_seqlen}"]
     if any(c.kind == "autotune" for c in rows):
         lines += ["", "[autotune]", f"samples = {args.autotune_samples}", f"limit = {args.limit or 8}",
-                  f"eval_seqlen = {args.seqlen}", f"eval_data = {q(data)}", f"prompt = {args.prompt}", f"decode = {max(1, args.decode)}",
-                  f"repeats = {max(1, min(3, args.repeats))}"]
+                  f"eval_seqlen = {args.seqlen}", f"eval_data = {q(data)}", f"prompt = {args.prompt}",
+                  f"decode = {max(1, args.decode)}", f"repeats = {max(1, min(3, args.repeats))}"]
     lines += ["", "[evaluations.perplexity]", f"windows = {args.limit}", f"seqlen = {args.seqlen}", f"data = {q(data)}"]
     if args.twin_limit:
         lines += ["", "[evaluations.twin]", f"windows = {args.twin_limit}", f"seqlen = {args.seqlen}",
@@ -196,7 +200,7 @@ class Demo:
         with tempfile.TemporaryDirectory() as tmp:  # the spec is checked before the folder is touched
             (Path(tmp) / "spec.toml").write_text(text)
             spec = load_spec(Path(tmp) / "spec.toml")
-        claim_demo_dir(self.out)
+        claim_demo_dir(self.out, spec.inputs()[1:])  # [0] is the temporary spec
         with atomic_file(self.out / "spec.toml") as f:
             f.write(text)
         spec.path = self.out / "spec.toml"
@@ -241,13 +245,13 @@ class Demo:
             plot(rows, tmp)
 
 
-def claim_demo_dir(out: Path) -> None:
-    """Make `out` the demo's folder: a new or empty one (marked), or one an earlier demo marked."""
+def claim_demo_dir(out: Path, inputs=()) -> None:
+    """Make `out` the demo's folder: a new or empty one (marked), or one an earlier demo marked; never
+    one that is, contains or lies inside an input (the model, its export, the text)."""
     from nm_onnx.errors import NmOnnxError
-    from nm_onnx.io import check_parent_writable, read_manifest, write_manifest
+    from nm_onnx.io import check_output_dir, read_manifest, write_manifest
 
-    if out.exists() and not out.is_dir():
-        raise NmOnnxError(f"--out '{out}' exists and is not a directory")
+    check_output_dir(out, "demo", inputs, overwrite=True, option="--out")  # inputs, type, writable parent
     if out.is_dir() and any(out.iterdir()):
         mark = read_manifest(out)
         if mark is None or mark.get("kind") != "demo":
@@ -256,7 +260,6 @@ def claim_demo_dir(out: Path) -> None:
                 "choose another --out (a new or empty folder)"
             )
         return
-    check_parent_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, "demo")
 
@@ -308,7 +311,7 @@ def demo_markdown(rows: list[dict], meta: dict) -> str:
               "nodes per token, most of which sparsity does not touch). Weight pruning: the "
               "reference's 8:16 magnitude weight pruning, PyTorch on all windows. Autotune +B%: the mixed "
               "recipe `nm-onnx autotune` chose for that perplexity budget (per-group patterns from "
-              "dense,12:16,10:16,8:16,6:16, verified on the same windows; its sparsity is the fraction of "
+              f"{DEFAULT_CANDIDATES}, verified on the same windows; its sparsity is the fraction of "
               "the linear layers' multiply-adds skipped).")]
     if notes:
         lines += ["", "Notes:", *notes]

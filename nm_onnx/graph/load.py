@@ -61,11 +61,14 @@ def read_proto(path: str | os.PathLike, check_external: bool = True):
 
 
 def check_external_data(proto, path: Path) -> None:
-    """Every external-data file the model names exists beside it and is long enough."""
+    """Every external-data file the model names (initializers and Constant values) exists beside it and
+    is long enough."""
+    import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     need: dict[str, int] = {}
-    tensors = list(proto.graph.initializer)
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
+                                               if a.type == onnx.AttributeProto.TENSOR]
     for t in tensors:
         if not uses_external_data(t):
             continue
@@ -96,4 +99,26 @@ def load_model(path: str | os.PathLike):
     proto = read_proto(p)
     model = serde.deserialize_model(proto)
     ir_external.set_base_dir(model.graph, str(p.parent))
+    _inline_attribute_tensors(model)
     return model
+
+
+def _inline_attribute_tensors(model) -> None:
+    """Read the node attribute tensors (Constant values) that live in external data into memory.
+
+    Exports too big for optimum's post-processing keep them there. Passes, the checker and the writer
+    handle external initializers only (graph.save copies those into the output's own data file); an
+    attribute left external would keep the source's file name and offset, which in the output name
+    its own `model.onnx_data`: wrong bytes or past its end. They are small (shapes, masks)."""
+    import onnx_ir as ir
+
+    for g in model.graphs():
+        for node in g:
+            for name, attr in list(node.attributes.items()):
+                values = attr.value if attr.type == ir.AttributeType.TENSORS else [attr.value]
+                if attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS) or not any(
+                        isinstance(t, ir.ExternalTensor) for t in values):
+                    continue
+                loaded = [ir.Tensor(t.numpy(), name=t.name) for t in values]
+                node.attributes[name] = (ir.AttrTensors(name, loaded) if attr.type == ir.AttributeType.TENSORS
+                                         else ir.AttrTensor(name, loaded[0]))

@@ -222,25 +222,6 @@ def _save_external(model, out_file: Path, data_name: str, prewrite: Prewrite | N
     return data_path
 
 
-def _inline_attribute_tensors(model) -> None:
-    """Load the values of Constant (and other) node attributes that live in the source's external data.
-
-    Only initializers are copied into the output's data file; an attribute tensor left as an external
-    reference would keep the source's file name and offset, and so read from the output's own data
-    file (same name `model.onnx_data`): wrong bytes, or past its end. Exports too big for optimum's
-    post-processing store such Constants externally; they are small (shapes, masks)."""
-    import onnx_ir as ir
-
-    for g in model.graphs():
-        for node in g:
-            for name, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                    t = attr.value
-                    node.attributes[name] = ir.AttrTensor(name, ir.Tensor(t.numpy(), name=t.name))
-                elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
-                    node.attributes[name] = ir.AttrTensors(name, [ir.Tensor(t.numpy(), name=t.name) for t in attr.value])
-
-
 def save_model(model, out_file: Path, external: bool, prewrite: Prewrite | None = None) -> None:
     """Write model (+ `<name>_data` when external) so the model file appears last, atomically."""
     import onnx_ir as ir
@@ -248,7 +229,6 @@ def save_model(model, out_file: Path, external: bool, prewrite: Prewrite | None 
     from nm_onnx.io import os_error, remove_stage, staging_dir
 
     out_file = Path(out_file)
-    _inline_attribute_tensors(model)
     data_name = f"{out_file.name}_data"
     tmp = staging_dir(out_file.parent, out_file.name)
     try:

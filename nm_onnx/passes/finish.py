@@ -99,10 +99,6 @@ def check_skeleton(model: ir.Model) -> None:
     consts = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
     del g.initializer[:]
     g.input.extend(consts)
-    for node in g.node:  # a Constant's value in external data (big exports): checked as an empty tensor
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                a.t.CopyFrom(helper.make_tensor(a.t.name, a.t.data_type, [0], []))
     opset = {o.domain: o.version for o in proto.opset_import}.get("", 1)
     unknown = False
     for node in g.node:

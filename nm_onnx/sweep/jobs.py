@@ -85,7 +85,8 @@ def plan(spec: SweepSpec) -> list[Job]:
         for r in spec.recipes:
             cell = (m.name, r.name)
             model_job, recipe_key = export, None
-            torch_deps: dict[str, str] = {}  # what the PyTorch twin needs besides the recipe: cal / recipe job
+            upstream: Job | None = None  # the calibrate or autotune job the sparse model (and its twin) reads
+            torch_deps: dict[str, str] = {}  # that job's id by what it gives: cal_dep (artifact) / recipe_dep
             if r.kind == "autotune":
                 work = _digest({"k": "autotune-work", "src": export.key, "hf": hf, "s": spec.autotune,
                                 "threads": spec.threads})
@@ -96,7 +97,7 @@ def plan(spec: SweepSpec) -> list[Job]:
                            tuple(d for d in (export.id, previous_autotune) if d), cell)
                 jobs.append(tune)
                 previous_autotune = tune.id
-                recipe_key, torch_deps = tune.key, {"recipe_dep": tune.id}
+                recipe_key, upstream, torch_deps = tune.key, tune, {"recipe_dep": tune.id}
             elif r.kind == "recipe":
                 recipe_key = recipe_fingerprint(r.source)
                 if SparsityRecipe.load(r.source).needs_calibration:
@@ -106,14 +107,13 @@ def plan(spec: SweepSpec) -> list[Job]:
                               {"source": m.source, "onnx": m.onnx, "recipe": r.source, **spec.calibration},
                               cell=cell)
                     jobs.append(cal)
-                    torch_deps = {"cal_dep": cal.id}
+                    upstream, torch_deps = cal, {"cal_dep": cal.id}
+            up_key = upstream.key if upstream else None
             if recipe_key is not None:
-                dep = next(iter(torch_deps.values()), None)
-                cal_key = next((j.key for j in jobs if j.id == dep), None)
                 model_job = Job(f"transform:{m.name}/{r.name}", "transform",
-                                _digest({"k": "transform", "dense": export.key, "recipe": recipe_key, "cal": cal_key}),
+                                _digest({"k": "transform", "dense": export.key, "recipe": recipe_key, "cal": up_key}),
                                 {"recipe": r.source if r.kind == "recipe" else None, **torch_deps},
-                                tuple(d for d in (export.id, dep) if d), cell)
+                                (export.id, upstream.id) if upstream else (export.id,), cell)
                 jobs.append(model_job)
             for ev, settings in spec.evaluations.items():
                 if r.kind == "weight" and ev not in TORCH_ONLY:
@@ -121,7 +121,7 @@ def plan(spec: SweepSpec) -> list[Job]:
                 data = settings.get("data")
                 content = source_fingerprint(data) if data and Path(data).is_file() else None  # a text file
                 torch_side = ev == "twin" or r.kind == "weight"
-                deps = tuple(dict.fromkeys([model_job.id, export.id, *(torch_deps.values() if torch_side else ())]))
+                deps = tuple(dict.fromkeys([model_job.id, export.id, *([upstream.id] if torch_side and upstream else [])]))
                 params = {"evaluation": ev, "settings": settings, "threads": spec.threads,
                           "model_dep": model_job.id, "dense_dep": export.id}
                 if torch_side:
@@ -131,8 +131,7 @@ def plan(spec: SweepSpec) -> list[Job]:
                                 _digest({"k": ev, "model": model_job.key, "dense": export.key, "s": settings,
                                          "data": content, "threads": spec.threads,
                                          **({"hf": hf, "kind": r.kind, "recipe": recipe_key or r.source,
-                                             "cal": [j.key for j in jobs if j.id in torch_deps.values()]}
-                                            if torch_side else {})}),
+                                             "cal": up_key} if torch_side else {})}),
                                 params, deps, cell))
     return jobs
 
@@ -222,16 +221,15 @@ def run_job(root: str, job: Job, deps: dict[str, dict], fresh: bool = False) -> 
 
 def _autotune(p: dict, export_dir: str, out: Path, work: Path, fresh: bool) -> None:
     """`nm-onnx autotune` for one budget; the model's work directory (tables, verified points) is shared."""
-    from nm_onnx.autotune.run import autotune, export_sites
+    from nm_onnx.autotune.run import autotune
     from nm_onnx.autotune.spec import parse_budget, parse_candidates
     from nm_onnx.recipe import SparsityRecipe
 
     s = p["settings"]
-    base = SparsityRecipe.load(s["base_recipe"])
-    candidates = parse_candidates(s["candidates"])
-    export_sites(export_dir, base, candidates)  # candidates that do not divide K: one line before the tables
-    autotune(p["source"], export_dir, out, parse_budget(p["budget"]), candidates, base, work,
-             samples=s["samples"], seqlen=s["seqlen"], check=s["check"], eval_data=s["eval_data"], eval_limit=s["limit"],
+    # autotune() checks the candidates against every site's K first, before any table is measured
+    autotune(p["source"], export_dir, out, parse_budget(p["budget"]), parse_candidates(s["candidates"]),
+             SparsityRecipe.load(s["base_recipe"]), work, samples=s["samples"], seqlen=s["seqlen"],
+             check=s["check"], eval_data=s["eval_data"], eval_limit=s["limit"],
              eval_seqlen=s["eval_seqlen"], prompt=s["prompt"], decode=s["decode"], repeats=s["repeats"],
              threads=p["threads"], speed_repeats=s["speed_repeats"], uniform=(), max_rounds=s["max_rounds"],
              overwrite=fresh, progress=False, keep_work=True)

@@ -50,6 +50,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nm_onnx.autotune.spec import DEFAULT_CANDIDATES
 from nm_onnx.errors import NmOnnxError
 
 DENSE = "dense"  # the recipe name of the baseline row every model gets
@@ -63,7 +64,7 @@ EVALUATIONS = {  # evaluation -> {key: (type, default)}
 TORCH_ONLY = ("perplexity",)  # the evaluations a weight-pruning row gets (in PyTorch)
 CALIBRATION = {"samples": (int, 16), "seqlen": (int, 256)}
 AUTOTUNE = {  # `nm-onnx autotune`'s settings (nm_onnx.autotune.run.autotune keywords) a spec may set
-    "candidates": (str, "dense,12:16,10:16,8:16,6:16"), "base_recipe": (str, "8:16-magnitude"),
+    "candidates": (str, DEFAULT_CANDIDATES), "base_recipe": (str, "8:16-magnitude"),
     "samples": (int, 8), "seqlen": (int, 256), "check": (int, 8), "limit": (int, 8), "eval_seqlen": (int, 512),
     "eval_data": (str, "wikitext2"),
     "prompt": (int, 128), "decode": (int, 32), "repeats": (int, 3), "speed_repeats": (int, 200),
@@ -200,6 +201,14 @@ def _local(src: str, base: Path) -> str:
     return str(base / p) if not p.is_absolute() and not p.exists() and (base / p).exists() else src
 
 
+def _text_file(where: str, data: str, base: Path) -> str:
+    """The path of an evaluation text file (here or beside the spec), or NmOnnxError naming `where`."""
+    f = Path(_local(data, base)).expanduser()
+    if not f.is_file():
+        raise NmOnnxError(f"{where}: '{data}' is neither 'wikitext2' nor an existing text file")
+    return str(f)
+
+
 def _recipe(where: str, item, base: Path) -> RecipeEntry:
     from nm_onnx.recipe import SparsityRecipe
 
@@ -299,9 +308,7 @@ def _check_autotune(w: str, a: dict, base: Path) -> None:
         raise NmOnnxError(f"{w}.candidates: {e}") from None
     a["base_recipe"] = _local(a["base_recipe"], base)
     if a["eval_data"] != "wikitext2":
-        a["eval_data"] = _local(a["eval_data"], base)
-        if not Path(a["eval_data"]).is_file():
-            raise NmOnnxError(f"{w}.eval_data: '{a['eval_data']}' is neither 'wikitext2' nor an existing text file")
+        a["eval_data"] = _text_file(f"{w}.eval_data", a["eval_data"], base)
     try:
         check_base_recipe(SparsityRecipe.load(a["base_recipe"]).validate())
     except NmOnnxError as e:
@@ -323,14 +330,8 @@ def _check_evaluations(w: str, ev: dict, base: Path) -> None:
             raise NmOnnxError(f"{w}: evaluations.{kind}.seqlen: must be at least 2, got {p['seqlen']}")
         if kind == "twin" and p["windows"] < 1:
             raise NmOnnxError(f"{w}: evaluations.twin.windows: must be at least 1 (the reference is slow: 1-2)")
-        data = p["data"]
-        if data != "wikitext2":
-            f = Path(data).expanduser()
-            f = f if f.is_absolute() or f.exists() else base / f
-            if not f.is_file():
-                raise NmOnnxError(f"{w}: evaluations.{kind}.data: '{data}' is neither 'wikitext2' nor an "
-                                  "existing text file")
-            p["data"] = str(f)
+        if p["data"] != "wikitext2":
+            p["data"] = _text_file(f"{w}: evaluations.{kind}.data", p["data"], base)
     if "lm_eval" in ev:
         from nm_onnx.evaluation.tasks import parse_tasks
 
