@@ -15,6 +15,7 @@ from nm_onnx.errors import NmOnnxError
 
 # Calibration constants, keyed `<module path>.<name>` in an artifact, and their shapes.
 CONSTANT_NAMES = ("static_shift", "channel_scale", "learned_shift", "scale_a", "scale_b")
+OUTPUT_CONSTANTS = ("scale_a", "scale_b")  # per output channel (a packed site: its projections' concatenated)
 CHANNEL_FACTOR_CRITERIA = ("amber", "wanda")  # criteria whose ranking multiplies |x| by a constant f[K]
 VAR_EPS = 1e-9  # floor of the pruned row's variance in the variance correction
 CLACT_EPS = 1e-8  # CLACT's row-norm epsilon (constant within a group: it never changes a ranking)

@@ -12,6 +12,12 @@ recipe and a model's module paths into one `SiteSetting` per selected site: it i
 where targets, excludes and overrides meet, and every stage (reference, calibration, passes,
 validate) asks it.
 
+`share_selection` (off by default) makes the projections that read one activation (q/k/v of an
+attention, gate/up of an MLP: `SHARED_INPUT`) one *selection group*: one mask per token for the group,
+channel factors (amber, wanda) from the group's concatenated weight, one learned shift fitted for the
+group. `selection_groups` says which sites form a group; the passes pack a group into one MatMul
+(horizontal fusion), and a packed ORT GenAI site (qkv_proj, gate_up_proj) is such a group already.
+
 Semantics of every field: ../shared/METHOD.md and docs/method.md.
 """
 
@@ -35,6 +41,12 @@ SHIFTS = ("none", "median", "mean", "static", "learned")
 MAX_M = 64
 DENSE = "dense"  # an override pattern: the site stays dense
 METHOD_FIELDS = ("pattern", "criterion", "shift", "scale_shift", "variance_correction")  # what an override may set
+
+# Projections that read the same activation, by the packed module that computes them together (the
+# name Phi-3 and ORT GenAI's builder give it), members in the order of its output columns.
+SHARED_INPUT = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+SHARED_SUFFIX = "+shared"  # a preset name + this suffix: the preset with share_selection (8:16-amber+shared)
 
 DEFAULT_TARGETS = ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"]
 
@@ -214,6 +226,7 @@ class SparsityRecipe(_Method):
     exclude: list[str] = field(default_factory=list)
     overrides: list[dict] = field(default_factory=list)  # [{"modules": [globs], <method field>: value, ...}]
     calibration: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_CALIBRATION))
+    share_selection: bool = False  # q/k/v and gate/up: one mask and one set of input constants per group
 
     def __post_init__(self):
         # Partial calibration dicts are completed with the defaults (unknown keys fail in validate()).
@@ -251,6 +264,8 @@ class SparsityRecipe(_Method):
         if not self.targets:
             raise NmOnnxError(f"recipe '{self.name}': 'targets' is empty; give at least one module glob")
         self._validate_overrides()
+        if not isinstance(self.share_selection, bool):
+            raise NmOnnxError(f"recipe '{self.name}': 'share_selection' must be true or false")
         if not isinstance(self.calibration, dict):
             raise NmOnnxError(f"recipe '{self.name}': 'calibration' must be an object")
         unknown = sorted(set(self.calibration) - set(DEFAULT_CALIBRATION))
@@ -363,6 +378,42 @@ class SparsityRecipe(_Method):
             )
         return out
 
+    def selection_groups(self, settings: dict[str, SiteSetting]) -> dict[str, list[str]]:
+        """{group name: member module paths} of the resolved sparse sites (`resolve`'s result).
+
+        Without `share_selection` every sparse site is its own group (named by its path). With it, the
+        sparse members of one `SHARED_INPUT` set under one parent (`model.layers.0.self_attn.q_proj`,
+        `k_proj`, `v_proj`) form the group `model.layers.0.self_attn.qkv_proj`, members in column
+        order; a set with one sparse member is a group of one. Error (one line): members of a group
+        with different settings (one mask cannot serve two patterns or criteria).
+        """
+        sparse = [p for p, s in settings.items() if not s.dense]
+        if not self.share_selection:
+            return {p: [p] for p in sparse}
+        groups: dict[str, list[str]] = {}
+        for path in sparse:
+            parent, _, leaf = path.rpartition(".")
+            packed = next((name for name, members in SHARED_INPUT.items() if leaf in members), None)
+            if packed is None:
+                groups[path] = [path]
+                continue
+            groups.setdefault(f"{parent}.{packed}" if parent else packed, []).append(path)
+        for name, members in list(groups.items()):
+            leaves = SHARED_INPUT.get(name.rpartition(".")[2])
+            if leaves and len(members) > 1:
+                members.sort(key=lambda p: leaves.index(p.rpartition(".")[2]))
+                first = settings[members[0]]
+                for other in members[1:]:
+                    if settings[other].describe() != first.describe():
+                        raise NmOnnxError(
+                            f"recipe '{self.name}': share_selection gives '{members[0]}' and '{other}' one mask "
+                            f"(they read the same activation), but their settings differ ({first.describe()} vs "
+                            f"{settings[other].describe()}); give the group one setting or turn share_selection off"
+                        )
+            if len(members) == 1 and members[0] != name:
+                groups[members[0]] = groups.pop(name)
+        return groups
+
     def mac_sparsity(self, shapes: dict[str, tuple[int, int]]) -> float:
         """Fraction of the selected sites' multiply-adds skipped, {module path: (K, O)} -> 0..1 (a
         uniform recipe: its pattern's sparsity; a mixed one: the sites' sparsities weighted by K x O)."""
@@ -377,6 +428,8 @@ class SparsityRecipe(_Method):
         d["calibration"]["betas"] = list(d["calibration"]["betas"])
         if not d["overrides"]:  # a recipe without overrides keeps the JSON and digest it always had
             del d["overrides"]
+        if not d["share_selection"]:  # likewise without shared selection
+            del d["share_selection"]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -430,6 +483,10 @@ class SparsityRecipe(_Method):
         s = str(source)
         if s in PRESETS:
             return copy.deepcopy(PRESETS[s])
+        if s.endswith(SHARED_SUFFIX) and s[:-len(SHARED_SUFFIX)] in PRESETS:  # e.g. 8:16-amber+shared
+            shared = copy.deepcopy(PRESETS[s[:-len(SHARED_SUFFIX)]])
+            shared.name, shared.share_selection = s, True
+            return shared.validate()
         p = Path(s)
         if p.is_dir() and (p / "recipe.json").is_file():
             p = p / "recipe.json"
@@ -453,6 +510,8 @@ class SparsityRecipe(_Method):
             fields = [f"{f}={o[f]}" if not isinstance(o[f], bool) else (f if o[f] else f"no {f}")
                       for f in METHOD_FIELDS if f in o]
             parts.append(f"[{','.join(o['modules'])} -> {' '.join(fields)}]")
+        if self.share_selection:
+            parts.append("share_selection")
         return " ".join(parts)
 
 

@@ -226,3 +226,29 @@ def run_cli(*args, env=None, timeout=900):
 def error_lines(stderr: str) -> list[str]:
     """The non-empty stderr lines (a user error must be exactly one)."""
     return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+SHARED_CALIBRATED = {"name": "shared-cal", "pattern": "8:16", "criterion": "wanda", "shift": "learned",
+                     "scale_shift": True, "share_selection": True}  # every kind of group constant
+
+
+@pytest.fixture(scope="session")
+def shared_artifact(tmp_path_factory):
+    """A calibration artifact of a shared recipe (wanda, learned shift, scale_shift) on the tiny Llama."""
+    import torch
+    from models_cache import tiny_hf
+
+    from nm_onnx.calibration import calibrate, load_artifact
+    from nm_onnx.models import load_hf_model
+    from nm_onnx.recipe import SparsityRecipe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _ = load_hf_model(tiny_hf("llama"))
+        windows = np.random.default_rng(0).integers(0, 512, size=(6, 48))
+        out = tmp_path_factory.mktemp("cal") / "art"
+        calibrate(model, SparsityRecipe.from_dict(SHARED_CALIBRATED), windows, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return load_artifact(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import error_lines, needs_library, run_cli
+from conftest import SHARED_CALIBRATED, error_lines, needs_library, run_cli
 from models_cache import tiny_genai, tiny_hf
 
 from nm_onnx import genai
@@ -320,17 +320,49 @@ def test_lm_eval_batch_on_a_genai_dir_equals_batch_one():
         assert abs(a - b) < 1e-4 and ga == gb
 
 
-def test_calibrated_recipe_on_packed_sites_is_refused(tmp_path):
-    """Calibration constants are per Hugging Face projection; a packed site has none: one clear line."""
+def test_packed_site_without_shared_selection_is_refused(tmp_path, shared_artifact):
+    """A packed site has one mask for its projections: per-projection constants (amber, learned shift)
+    need share_selection, an artifact made without it is refused (one line, exit 2, nothing written)."""
     from nm_onnx.calibration.artifact import CalibrationArtifact
     from nm_onnx.recipe import SparsityRecipe
     from nm_onnx.transform import transform
 
-    recipe = SparsityRecipe.load("8:16-static-shift")
-    art = CalibrationArtifact(recipe, {"model.layers.0.self_attn.q_proj.static_shift": np.zeros(1, np.float32)})
-    with pytest.raises(NmOnnxError, match=r"packs projections into one site \('model.layers.0.self_attn.qkv_proj'"):
-        transform(tiny_genai("llama"), tmp_path / "out", recipe, calibration=art)
-    assert not (tmp_path / "out").exists()
+    # the artifact's shared constants, relabelled as a recipe without share_selection
+    d = dict(SHARED_CALIBRATED, share_selection=False)
+    art = CalibrationArtifact(SparsityRecipe.from_dict(d), shared_artifact.tensors, shared_artifact.report)
+    tampered = dict(shared_artifact.tensors)
+    k_scale = "model.layers.0.self_attn.k_proj.channel_scale"
+    tampered[k_scale] = tampered[k_scale] * 2
+    bad = CalibrationArtifact(shared_artifact.recipe, tampered, shared_artifact.report)
+    genai_dir = tiny_genai("llama")
+    with pytest.raises(NmOnnxError, match=r"packs .*q_proj, k_proj, v_proj into one MatMul .* '8:16-amber\+shared'"):
+        transform(genai_dir, tmp_path / "a", "8:16-amber")
+    with pytest.raises(NmOnnxError, match=r"criterion wanda is per projection unless .*: set \"share_selection\": true in recipe 'shared-cal'"):
+        transform(genai_dir, tmp_path / "b", art.recipe, calibration=art)
+    with pytest.raises(NmOnnxError, match=r"'channel_scale' differs between them: .* \"share_selection\": true"):
+        transform(genai_dir, tmp_path / "c", bad.recipe, calibration=bad)
+    assert not any((tmp_path / x).exists() for x in "abc")
+    r = run_cli("transform", genai_dir, tmp_path / "d", "--recipe", "8:16-wanda")
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "8:16-wanda+shared" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [{}, {"fuse_mlp_gate_up": True}])
+def test_calibrated_shared_recipe_on_packed_sites(tmp_path, extra, shared_artifact):
+    """A shared recipe's artifact (channel factors, learned shift, scale_shift per projection) on the
+    builder's packed qkv_proj (and gate_up_proj, or gate/up that transform packs itself): validate's
+    checks hold, and og.Generator decodes like a plain ORT session."""
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import validate
+
+    dense, out, art = tiny_genai("llama", **extra), tmp_path / "sparse", shared_artifact
+    report = transform(dense, out, art.recipe, calibration=art)
+    assert sorted(s["kind"] for s in report.passes.sites if s["action"] == "sparse") == [
+        "down", "down", "gate_up", "gate_up", "o", "o", "qkv", "qkv"]
+    assert set(report.passes.packed.values()) == (set() if extra else {"packed"})
+    result = validate(dense, out, tiny_hf("llama"), art.recipe, calibration=art.path, checks="abc", seqlen=48, limit=1)
+    assert all(r.status == "PASS" for r in result.results), [r.line() for r in result.results]
+    sparse_og, (sparse_ort, _) = og_greedy(out), ort_greedy(out)
+    assert sparse_og == sparse_ort
 
 
 @needs_library

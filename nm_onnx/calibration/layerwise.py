@@ -2,7 +2,9 @@
 
 What is computed (METHOD.md), per site by its own setting (`recipe.resolve`: a mixed recipe gives
 sites different patterns and mitigations; the fitting masks each site with its own N:M):
-  * amber / wanda channel factors: from each targeted weight (reference.channel_factors);
+  * amber / wanda channel factors: from each targeted weight (reference.channel_factors), or from the
+    concatenated weights of a selection group with `share_selection` (then one learned shift is
+    fitted per group; every member's constants are stored under its own module path);
   * static shift: mean over calibration tokens of the per-token median of each target's input;
   * learned per-channel shift / output scale+shift: fitted per decoder layer, in order. The layer's
     inputs are the outputs of the already sparsified (and fitted) upstream layers; the target is the
@@ -255,10 +257,7 @@ def calibrate(
         state_dir.mkdir(parents=True, exist_ok=True)
         meta_file.write_text(json.dumps({"key": key, "recipe": recipe.name}))
         wrappers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
-        tensors: dict[str, np.ndarray] = {}
-        for path, w in wrappers.items():
-            if w.setting.criterion in F.CHANNEL_FACTOR_CRITERIA:
-                w.channel_scale = torch.from_numpy(F.channel_factors(w.weight, w.setting.criterion))
+        tensors: dict[str, np.ndarray] = {}  # channel factors: set by sparsify_model (of the group's weight)
         layer_reports = []
         layerwise = [p for p, w in wrappers.items() if w.setting.shift == "static" or w.setting.needs_fitting]
         if layerwise:
@@ -305,7 +304,7 @@ def calibrate(
                         w.static_shift = torch.tensor(stats[w][0] / stats[w][1], dtype=torch.float32)
                     w.enabled = True
                 loss_before = layer_mse(layer, inputs, targets, kw)
-                params = [p for w in ws.values() for p in w.learnable()]
+                params = list({id(p): p for w in ws.values() for p in w.learnable()}.values())  # shared once
                 losses = fit_layer(layer, params, inputs, targets, kw, recipe.calibration,
                                    seed=recipe.calibration["seed"] + i, progress=bar)
                 outputs = run_layer(layer, inputs, kw)

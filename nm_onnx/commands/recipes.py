@@ -11,7 +11,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from nm_onnx.recipe import PRESETS, SparsityRecipe
+    from nm_onnx.recipe import PRESETS, SHARED_SUFFIX, SparsityRecipe
 
     if args.name:
         print(SparsityRecipe.load(args.name).to_json())
@@ -21,5 +21,7 @@ def run(args) -> int:
         cal = "  (needs calibrate)" if r.needs_calibration else ""
         print(f"{name:<{width}}  {r.describe()}{cal}")
     print("\nTargets by default: q,k,v,o,gate,up,down projections of every decoder layer. "
-          "Print one as JSON with `nm-onnx recipes NAME`, edit it, pass the file as --recipe.")
+          "Print one as JSON with `nm-onnx recipes NAME`, edit it, pass the file as --recipe.\n"
+          f"NAME{SHARED_SUFFIX} (e.g. 8:16-amber{SHARED_SUFFIX}): the preset with share_selection: q/k/v and gate/up "
+          "choose one mask per token, packed into one MatMul by transform (docs/method.md).")
     return 0

@@ -27,11 +27,12 @@ import re
 from dataclasses import asdict, dataclass
 
 from nm_onnx.genai import PRODUCER as GENAI_PRODUCER
+from nm_onnx.recipe import SHARED_INPUT
 
 KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
 PACKED_KINDS = ("qkv", "gate_up")  # one MatMul for several Hugging Face projections (ORT GenAI builds)
 # the Hugging Face projections a packed site concatenates, in the order of its output columns
-PACKED_MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+PACKED_MEMBERS = {"qkv": SHARED_INPUT["qkv_proj"], "gate_up": SHARED_INPUT["gate_up_proj"]}
 _KIND_BY_NAME = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "lm_head",

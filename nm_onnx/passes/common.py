@@ -35,6 +35,7 @@ class PassReport:
     sites: list[dict] = field(default_factory=list)  # {module, kind, action, reason[, pattern "N:M" if sparse]}
     fused: dict[str, str] = field(default_factory=dict)  # module -> "fused" or the reason it is not
     records: list[dict] = field(default_factory=list)  # one per sparsified site (nm_onnx.passes.record)
+    packed: dict[str, str] = field(default_factory=dict)  # selection group -> "packed" or why not (pack)
 
     def add(self, site, action: str, reason: str = "", pattern: str | None = None) -> None:
         entry = {"module": site.module, "kind": site.kind, "action": action, "reason": reason}
@@ -66,6 +67,11 @@ class PassReport:
         patterns = pattern_counts(self.sites)
         if len(patterns) > 1:  # a mixed recipe: say which pattern how often
             rows.append("patterns: " + ", ".join(f"{p} x {c}" for p, c in patterns.items()))
+        packed = Counter(r for r in self.packed.values())
+        if packed:
+            rows.append(f"shared selection: {packed.pop('packed', 0)} group(s) packed into one MatMul")
+        for reason, count in packed.items():
+            rows.append(f"not packed ({count} group(s)): {reason}")
         reasons = Counter(r for r in self.fused.values() if r != "fused")
         for reason, count in reasons.items():
             rows.append(f"not fused ({count} site(s)): {reason}")

@@ -1,4 +1,5 @@
-"""The pass pipeline of `nm-onnx transform`: [quantize] -> locate -> insert -> [fuse] -> record -> finish."""
+"""The pass pipeline of `nm-onnx transform`:
+[pack] -> [quantize] -> locate -> insert -> [fuse] -> record -> finish (pack: recipes with share_selection)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from nm_onnx.passes.finish import FinishPass
 from nm_onnx.passes.fuse import FusePass
 from nm_onnx.passes.insert import InsertPass
 from nm_onnx.passes.locate import LocatePass
+from nm_onnx.passes.pack import PackPass
 from nm_onnx.passes.quantize import QuantizePass
 from nm_onnx.passes.record import RecordPass
 
@@ -25,7 +27,8 @@ def build_pipeline(recipe, calibration=None, fuse: bool = True, portable: bool =
     report = PassReport()
     locate = LocatePass(recipe, calibration, report)
     quantizer = QuantizePass(*quantize) if quantize else None
-    passes = [quantizer] if quantizer else []
+    passes = [PackPass(recipe, report)] if recipe.share_selection else []
+    passes += [quantizer] if quantizer else []
     passes += [locate, InsertPass(locate)]
     if fuse:
         passes.append(FusePass(report))

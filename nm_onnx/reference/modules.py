@@ -5,7 +5,9 @@
 makes dense stay plain linears) that shares the original weight and bias Parameters (state-dict keys are unchanged) and computes
 `functional.sparse_linear`. The model's own code is untouched; `unsparsify_model` puts the plain
 linears back. Constants come from the calibration artifact; amber/wanda factors are computed from the
-weights when no artifact is given.
+weights when no artifact is given. With `share_selection` the members of a selection group
+(`SparsityRecipe.selection_groups`: q/k/v, gate/up) get the factors of their concatenated weight and
+one shared learned-shift Parameter, so they choose one mask per token.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SparseLinear(nn.Module):
                 f"pattern {setting.pattern} does not fit {path}: its input size K={k} is not a multiple "
                 f"of M={self.m}; exclude this module from the recipe's targets"
             )
+        self.group = path  # the selection group (SparsityRecipe.selection_groups) this site belongs to
         self.enabled = True  # False: behave as the dense linear
         self.forced_masks: list[torch.Tensor] = []  # masks to replay, one per call in order (validate)
         dev = self.weight.device
@@ -55,6 +58,7 @@ class SparseLinear(nn.Module):
             self.scale_b = nn.Parameter(torch.zeros(o, dtype=torch.float32, device=dev))
 
     def learnable(self) -> list[nn.Parameter]:
+        """This site's learnable Parameters (a learned shift may be shared with its selection group)."""
         return [p for p in (self.learned_shift, self.scale_a, self.scale_b) if p is not None]
 
     def set_constants(self, constants: dict) -> None:
@@ -90,10 +94,6 @@ class SparseLinear(nn.Module):
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
         r = self.setting
-        if r.criterion in F.CHANNEL_FACTOR_CRITERIA and self.channel_scale is None:
-            self.channel_scale = torch.from_numpy(F.channel_factors(self.weight, r.criterion)).to(
-                self.weight.device
-            )
         return F.sparse_linear(
             x,
             self.weight,
@@ -143,6 +143,7 @@ def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None
     paths = linear_paths(model)
     settings = recipe.resolve(paths, {p: model.get_submodule(p).in_features for p in paths})
     wrappers = {p: SparseLinear(model.get_submodule(p), s, p) for p, s in settings.items() if not s.dense}
+    share_group_constants(wrappers, recipe.selection_groups(settings))
     for p, w in wrappers.items():
         s = w.setting
         consts = artifact.constants(p) if artifact is not None else {}
@@ -160,6 +161,24 @@ def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None
     for p, w in wrappers.items():
         _set_module(model, p, w)
     return model
+
+
+def share_group_constants(wrappers: dict[str, SparseLinear], groups: dict[str, list[str]]) -> None:
+    """Give every site its channel factors (amber, wanda: of its group's weights stacked along the
+    outputs) and let a group's members share one learned-shift Parameter (the first member's)."""
+    for name, members in groups.items():
+        ws = [wrappers[p] for p in members]
+        for w in ws:
+            w.group = name
+        crit = ws[0].setting.criterion
+        if crit in F.CHANNEL_FACTOR_CRITERIA:
+            weight = ws[0].weight if len(ws) == 1 else torch.cat([w.weight.detach() for w in ws], dim=0)
+            factors = torch.from_numpy(F.channel_factors(weight, crit)).to(ws[0].weight.device)
+            for w in ws:
+                w.channel_scale = factors
+        if ws[0].learned_shift is not None:
+            for w in ws[1:]:
+                w.learned_shift = ws[0].learned_shift
 
 
 def unsparsify_model(model: nn.Module) -> nn.Module:
