@@ -2,7 +2,9 @@
 //
 // Decode (T <= 16 tokens): Y is split into a few wide column chunks (long contiguous runs of each
 // kept row of B, which is what keeps a memory-bound GEMV at full bandwidth) and each token's kept
-// rows stream through its L1-resident piece of Y, four rows at a time. Prefill (more tokens):
+// rows stream through its L1-resident piece of Y, four rows at a time. One token over narrow rows
+// (O <= 4096) splits the kept rows in two halves instead, each over the full width into its own y:
+// whole rows, one ascending walk per half (benchmarks/RESULTS.md, "Decode of narrow rows"). Prefill (more tokens):
 // register tiles of Y over column blocks of 256 and token blocks of 256. Each block runs the best
 // kernel this CPU supports (AVX-512 F/BW/VL, AVX2+FMA+F16C, scalar), chosen once at run time;
 // NM_ONNX_SPARSE_GEMM_ISA=scalar|avx2|avx512 caps the choice (tests use it to cover every path on
@@ -12,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "sparse_gemm_internal.h"
 
@@ -87,6 +90,8 @@ Kernels pick_kernels() {
 constexpr int64_t kSmallT = 16;           // up to this many tokens: the streaming (decode) kernel
 constexpr int64_t kMaxChunk = 8192;       // widest column chunk of the streaming kernel
 constexpr int64_t kBlockBytes = 256 << 10;  // B rows one K block of the streaming kernel touches
+constexpr int64_t kSplitMaxO = 4096;      // one token up to this width: kept rows split in two, not columns
+constexpr int64_t kSplitMinRows = 16;     // ... when each half has at least this many rows
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -98,6 +103,26 @@ void sparse_gemm(const float* X, const int32_t* idx, int64_t T, int64_t K, int64
   using namespace detail;
   if (T <= 0 || O <= 0) return;
   static const Kernels kernels = pick_kernels();
+  if (T == 1 && O <= kSplitMaxO && kept >= 2 * kSplitMinRows) {
+    // One token, narrow rows (SmolLM2: 576-1536 floats): split the KEPT ROWS in two halves, each
+    // streamed over the full width into its own y (then summed). Every pass over B is then one
+    // ascending walk over whole rows, where column chunks would walk all kept rows twice in short
+    // pieces (what a narrow GEMV's prefetching dislikes most); two halves keep two threads busy.
+    thread_local std::vector<float> part;  // this (the calling) thread's; workers get its address
+    part.resize(static_cast<size_t>(O));
+    float* const tmp = part.data();
+    const int64_t half = kept / 2;
+    parallel_for(2, [&](std::ptrdiff_t begin, std::ptrdiff_t end) {
+      for (std::ptrdiff_t p = begin; p < end; ++p) {
+        const int64_t j0 = p == 0 ? 0 : half, j1 = p == 0 ? half : kept;
+        float* y = p == 0 ? Y : tmp;
+        const GemmBlock g{X, idx + j0, B.f32, B.f16, y, K, j1 - j0, O, 0, 1, 0, O};
+        kernels.stream(g, j1 - j0);
+      }
+    });
+    for (int64_t o = 0; o < O; ++o) Y[o] += tmp[o];
+    return;
+  }
   if (T <= kSmallT) {
     // At least two chunks (two threads), each as wide as possible, a multiple of 16 columns.
     const int64_t n_chunks = std::max<int64_t>(2, (O + kMaxChunk - 1) / kMaxChunk);
