@@ -93,6 +93,8 @@ def test_groups_and_the_recipe_they_give():
     assert {m: s.pattern for m, s in settings.items()} == {m: next(p for g, p in choice.items() if m in groups[g])
                                                            for m in mods}
     assert all(s.variance_correction for s in settings.values())
+    shared = to_recipe(choice, groups, SparsityRecipe.load("8:16-magnitude+shared"), "t")  # groups = selection groups
+    assert shared.share_selection and shared.selection_groups(shared.resolve(mods))
     assert to_recipe({g: "dense" for g in groups}, groups, SparsityRecipe(), "t") is None
 
 

@@ -92,7 +92,8 @@ def _result(groups, opts, chosen: dict[str, int], budget: float) -> Allocation:
 def to_recipe(choice: dict[str, str], groups: dict[str, list[str]], base, name: str):
     """The allocation as a mixed `SparsityRecipe` for `nm-onnx transform`.
 
-    The recipe keeps the base recipe's criterion, mitigations, targets and excludes; its own pattern
+    The recipe keeps the base recipe's criterion, mitigations, targets, excludes and share_selection
+    (a group's sites read one input and get one pattern, so q/k/v and gate/up can share); its own pattern
     is the one the most sites got, and one override per other pattern (dense included) lists the
     exact module paths that get it. None when every group stays dense.
     """
@@ -110,7 +111,8 @@ def to_recipe(choice: dict[str, str], groups: dict[str, list[str]], base, name: 
     overrides = [{"modules": sorted(m), "pattern": p} for p, m in sorted(sites.items()) if p != main]
     return SparsityRecipe(name=name, pattern=main, criterion=base.criterion, shift=base.shift,
                           variance_correction=base.variance_correction, targets=list(base.targets),
-                          exclude=list(base.exclude), overrides=overrides).validate()
+                          exclude=list(base.exclude), overrides=overrides,
+                          share_selection=base.share_selection).validate()
 
 
 def shrink(allocation_budget: float, budget: float, verified: float) -> float:

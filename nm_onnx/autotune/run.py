@@ -122,7 +122,7 @@ def autotune(model_source, export_dir, out, budget: Budget, candidates: list[str
     for u in uniform:
         r = SparsityRecipe(name=f"uniform-{u}", pattern=u, criterion=base.criterion, shift=base.shift,
                            variance_correction=base.variance_correction, targets=list(base.targets),
-                           exclude=list(base.exclude))
+                           exclude=list(base.exclude), share_selection=base.share_selection)
         uniform_points.append({**verifier.point(r, f"{u} uniform"), "kind": "uniform"})
 
     name = f"autotune-{str(budget).lstrip('+')}"

@@ -146,7 +146,8 @@ def _check_pairs(groups, patterns, check: int, seed: int) -> list[tuple[str, str
 
 def _probe(base: SparsityRecipe, modules: list[str], pattern: str) -> SparsityRecipe:
     return SparsityRecipe(name="autotune-probe", pattern=pattern, criterion=base.criterion, shift=base.shift,
-                          variance_correction=base.variance_correction, targets=list(modules))
+                          variance_correction=base.variance_correction, targets=list(modules),
+                          share_selection=base.share_selection)
 
 
 def measure_sensitivity(model: nn.Module, groups: dict[str, list[str]], candidates: list[str],
