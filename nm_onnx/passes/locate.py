@@ -168,8 +168,12 @@ class LocatePass(ir.passes.InPlacePass):
         source = (art.report or {}).get("model") or "another model"
         known = shapes if shapes is not None else {m: None for m in art.modules()}
         strangers = [m for m in known if m not in here]
-        other = [m for m in known if m in here and known[m] is not None
-                 and tuple(known[m])[:1 if here[m][1] is None else 2] != here[m][:1 if here[m][1] is None else 2]]
+
+        def differs(m) -> bool:  # [K, O] there vs here (a packed site's projection: K only)
+            there, k_o = tuple(known[m]), here[m]
+            return there[0] != k_o[0] if k_o[1] is None else there != k_o
+
+        other = [m for m in known if m in here and known[m] is not None and differs(m)]
         if shapes is not None:
             for module, (members, o) in packed.items():
                 if all(m in shapes for m in members) and sum(shapes[m][1] for m in members) != o:
