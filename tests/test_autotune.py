@@ -241,3 +241,28 @@ def test_tighten_grows_when_the_verified_loss_is_far_under_the_budget():
     assert rounds[ok][1].saved > allocate(options, budget).saved  # it found time the first round left
     assert rounds[ok][1].saved == max(a.saved for _, a, v in rounds if v["delta_nll"] <= budget)
     assert len({tuple(sorted(a.choice.items())) for _, a, _ in rounds}) == len(rounds)  # no allocation twice
+
+
+@needs_library
+@pytest.mark.slow
+def test_autotune_with_a_shared_base_recipe(tmp_path, capsys):
+    """`--base-recipe 8:16-magnitude+shared`: the recipe keeps share_selection (its groups are the
+    selection groups), transform packs them, validate (b) holds on the packed sites."""
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import main as validate_main
+
+    export = wide_export()
+    hf = export.parent / "wide-llama-hf"
+    out = tmp_path / "out"
+    rc = main(["autotune", str(hf), "--export", str(export), "--budget", "50%", "--out", str(out), "--work-dir",
+               str(tmp_path / "work"), "--samples", "2", "--seqlen", "32", "--check", "3", "--limit", "1",
+               "--eval-seqlen", "32", "--prompt", "8", "--decode", "4", "--repeats", "1", "--speed-repeats", "20",
+               "--uniform", "8:16", "--quiet", "--base-recipe", "8:16-magnitude+shared"])
+    assert rc in (0, 1), capsys.readouterr().err[-3000:]
+    recipe = SparsityRecipe.load(out / "recipe.json")
+    assert recipe.share_selection
+    report = transform(export, tmp_path / "sparse", recipe)
+    assert "packed" in report.passes.packed.values()
+    rc = validate_main([str(export), str(tmp_path / "sparse"), "--model", str(hf), "--recipe", str(out / "recipe.json"),
+                        "--seqlen", "32", "--checks", "b"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
