@@ -50,6 +50,7 @@ class TransformReport:
             "input": self.input, "output": self.output, "recipe": self.recipe, "fuse": self.fuse,
             "portable": self.portable, "external_data": self.external_data, "seconds": self.seconds,
             "sites": self.passes.sites, "fused": self.passes.fused, "records": self.passes.records,
+            "packed": self.passes.packed,  # selection group -> "packed" or why not (share_selection)
         }
 
 

@@ -10,6 +10,8 @@ on real exports of a tiny random Llama, and with og.Generator on a GenAI build.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,7 @@ def test_optimum_export_packs_groups_and_validates(tmp_path, recipe, shared_arti
     report = transform(dense, out, r, calibration=art)
     assert report.passes.packed == {f"model.layers.{i}.{g}": "packed" for i in (0, 1)
                                     for g in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+    assert json.loads((out / "nm_onnx_transform.json").read_text())["packed"] == report.passes.packed
     model = load_model(out / "model.onnx")
     records = site_records(model)
     assert sorted(r["kind"] for r in records) == ["down", "down", "gate_up", "gate_up", "o", "o", "qkv", "qkv"]
