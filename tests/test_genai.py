@@ -94,6 +94,7 @@ def test_builder_sites_packed_qkv_and_gate_up():
     ("llama", "8:16-median-shift", {"fuse_mlp_gate_up": True}),
     ("qwen2", "8:16-median-shift", {}),
     ("qwen2-bias", "8:16-median-shift", {}),  # the packed q/k/v bias Add stays behind the fused site
+    ("mistral", "8:16-median-shift+shared", {}),  # gate/up packed by transform's pack pass
 ])
 def test_transformed_genai_dir_generates_in_og_like_ort(tmp_path, arch, recipe, extra):
     from nm_onnx.transform import transform
