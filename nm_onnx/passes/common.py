@@ -99,15 +99,23 @@ def tag(node: ir.Node, site, role: str) -> ir.Node:
     return node
 
 
-def constant(graph: ir.Graph, site, what: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    """Register an initializer `<site prefix>/<what>` holding `array` in the activation dtype."""
-    name = site_name(site, what)
-    np_dtype = dtype.numpy()
-    value = ir.Value(name=name, const_value=ir.tensor(np.array(array, dtype=np_dtype, order="C"), name=name))
+def initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    """Register an initializer `name` holding `array` as `dtype`."""
+    value = ir.Value(name=name, const_value=ir.tensor(np.array(array, dtype=dtype.numpy(), order="C"), name=name))
     value.type = ir.TensorType(dtype)
     value.shape = ir.Shape(list(np.shape(array)))
     graph.register_initializer(value)
     return value
+
+
+def constant(graph: ir.Graph, site, what: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    """Register an initializer `<site prefix>/<what>` holding `array` in the activation dtype."""
+    return initializer(graph, site_name(site, what), array, dtype)
+
+
+def opset(model: ir.Model) -> int:
+    """The model's default-domain opset (18 when it names none)."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18)))
 
 
 def make(op: str, inputs, site, what: str, attrs=None, domain: str = "", outputs: int = 1) -> ir.Node:

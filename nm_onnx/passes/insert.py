@@ -22,10 +22,7 @@ from nm_onnx.graph.sites import QUANT_OP
 from nm_onnx.method import VAR_EPS
 from nm_onnx.ops.schemas import DOMAIN
 from nm_onnx.passes.common import SitePlan, activation_dtype, constant, make, redirect, tag
-
-
-def _opset(model: ir.Model) -> int:
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18)))
+from nm_onnx.passes.common import opset as model_opset
 
 
 def _reduce(op: str, x, site, what: str, opset: int, axes_value: ir.Value | None) -> ir.Node:
@@ -173,7 +170,7 @@ class InsertPass(ir.passes.InPlacePass):
         self.workers = workers  # None: nm_onnx.graph.constants.default_workers()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        opset = _opset(model)
+        opset = model_opset(model)
         plans: list[SitePlan] = self.locate.plans
         by_name = site_nodes(model.graph)
         results = site_constants_parallel(model, [_weight_job(p) for p in plans], self.workers)

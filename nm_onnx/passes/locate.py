@@ -33,6 +33,15 @@ def check_not_transformed(model: ir.Model) -> None:
         )
 
 
+def resolve_sites(recipe, sites) -> tuple[dict, dict[str, int]]:
+    """(`recipe.resolve` over the sites' module paths, {module path: K}): a module's repeated calls
+    (#1, #2) follow its first one (same weight, same K)."""
+    k: dict[str, int] = {}
+    for s in sites:
+        k.setdefault(module_call(s.module)[0], s.k)
+    return recipe.resolve(list(k), k), k  # targets, exclude, overrides, K % M
+
+
 class LocatePass(ir.passes.InPlacePass):
     """Resolve the recipe against the model's linear sites into `self.plans` (no graph change)."""
 
@@ -42,6 +51,7 @@ class LocatePass(ir.passes.InPlacePass):
         self.calibration = calibration
         self.report = report if report is not None else PassReport()
         self.plans: list[SitePlan] = []
+        self._artifact_modules: set[str] | None = None  # modules the calibration artifact has (_members)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.recipe
@@ -49,11 +59,7 @@ class LocatePass(ir.passes.InPlacePass):
         sites = find_linear_sites(model)
         if not sites:
             raise NmOnnxError("the model has no linear sites (MatMul with a constant [K, O] weight) to sparsify")
-        # a recipe names modules: a module's repeated calls (#1, #2) follow its first one (same weight, same K)
-        k = {}
-        for s in sites:
-            k.setdefault(module_call(s.module)[0], s.k)
-        settings = recipe.resolve(list(k), k)  # targets, exclude, overrides, K % M
+        settings, _ = resolve_sites(recipe, sites)
         for st in settings.values():
             if st.is_unstructured:
                 raise NmOnnxError(
@@ -122,8 +128,9 @@ class LocatePass(ir.passes.InPlacePass):
         """The artifact modules a site's constants come from: itself, or a packed site's projections
         (an ORT GenAI or `pack` site; Phi-3's own qkv_proj module is itself in the artifact)."""
         base = module_call(site.module)[0]
-        if site.kind not in PACKED_KINDS or self.calibration.constants(base) or base in (
-                self.calibration.site_shapes() or {}):
+        if self._artifact_modules is None:  # read once per run
+            self._artifact_modules = set(self.calibration.modules()) | set(self.calibration.site_shapes() or {})
+        if site.kind not in PACKED_KINDS or base in self._artifact_modules:
             return [base]
         return site_members(base, site.kind)
 

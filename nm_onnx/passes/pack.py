@@ -28,7 +28,7 @@ import onnx_ir as ir
 from nm_onnx.errors import NmOnnxError
 from nm_onnx.graph.constants import load_weight, release_weight
 from nm_onnx.graph.sites import find_linear_sites, module_call
-from nm_onnx.passes.common import PassReport
+from nm_onnx.passes.common import PassReport, initializer, opset
 from nm_onnx.recipe import SHARED_INPUT
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo exports' module path metadata (graph.sites)
@@ -43,18 +43,15 @@ class PackPass(ir.passes.InPlacePass):
         self.report = report if report is not None else PassReport()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from nm_onnx.passes.locate import check_not_transformed
+        from nm_onnx.passes.locate import check_not_transformed, resolve_sites
 
         check_not_transformed(model)
         sites = find_linear_sites(model)
         by_module = {s.module: s for s in sites}
-        k = {}
-        for s in sites:
-            k.setdefault(module_call(s.module)[0], s.k)
-        settings = self.recipe.resolve(list(k), k)  # the errors locate would give, given first
+        settings, k = resolve_sites(self.recipe, sites)  # the errors locate would give, given first
         groups = {g: m for g, m in self.recipe.selection_groups(settings).items() if len(m) > 1}
         by_name = {n.name: n for n in model.graph if n.name}
-        reasons = {g: _why_not(model, g, m, by_module, by_name) for g, m in groups.items()}
+        reasons = {g: _why_not(g, m, by_module, by_name) for g, m in groups.items()}
         reasons.update(self._resolves_alike(settings, k, {g: m for g, m in groups.items() if not reasons[g]}))
         changed = False
         for group, members in groups.items():
@@ -81,7 +78,7 @@ class PackPass(ir.passes.InPlacePass):
                 if packed[g].describe() != settings[members[0]].describe()}
 
 
-def _why_not(model: ir.Model, group: str, members: list[str], by_module, by_name) -> str:
+def _why_not(group: str, members: list[str], by_module, by_name) -> str:
     """The reason a group cannot be packed, or ''."""
     leaves = tuple(m.rpartition(".")[2] for m in members)
     if leaves != SHARED_INPUT[group.rpartition(".")[2]]:
@@ -132,25 +129,16 @@ def _pack(model: ir.Model, group: str, sites: list, by_name) -> None:
             release_weight(model, s)
     name = _packed_node_name(group, sites[0], nodes[0])
     prefix = name.rsplit("/", 1)[0]
-    w_name = f"{group}.weight"
-    w_value = ir.Value(name=w_name, const_value=ir.tensor(b, name=w_name))
-    w_value.type = ir.TensorType(nodes[0].inputs[1].dtype or ir.DataType.FLOAT)
-    w_value.shape = ir.Shape(list(b.shape))
-    graph.register_initializer(w_value)
+    w_value = initializer(graph, f"{group}.weight", b, nodes[0].inputs[1].dtype or ir.DataType.FLOAT)
     matmul = ir.node("MatMul", [x, w_value], name=name,
                      outputs=[ir.Value(name=f"{name}_output_0")])
     matmul.metadata_props.update({k: v for k, v in nodes[0].metadata_props.items() if k != NAME_SCOPES})
     if NAME_SCOPES in nodes[0].metadata_props:
         matmul.metadata_props[NAME_SCOPES] = repr([group])
     sizes = [s.o for s in sites]
-    opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18)))
     split_outputs = [ir.Value(name=f"{prefix}/Split_output_{i}") for i in range(len(sites))]
-    if opset >= 13:
-        split_name = f"{prefix}/split_sizes"
-        sv = ir.Value(name=split_name, const_value=ir.tensor(np.array(sizes, dtype=np.int64), name=split_name))
-        sv.type = ir.TensorType(ir.DataType.INT64)
-        sv.shape = ir.Shape([len(sizes)])
-        graph.register_initializer(sv)
+    if opset(model) >= 13:  # split sizes as an input since opset 13
+        sv = initializer(graph, f"{prefix}/split_sizes", np.array(sizes), ir.DataType.INT64)
         split = ir.node("Split", [matmul.outputs[0], sv], attributes={"axis": -1}, name=f"{prefix}/Split",
                         outputs=split_outputs)
     else:

@@ -42,7 +42,6 @@ class SparseLinear(nn.Module):
                 f"pattern {setting.pattern} does not fit {path}: its input size K={k} is not a multiple "
                 f"of M={self.m}; exclude this module from the recipe's targets"
             )
-        self.group = path  # the selection group (SparsityRecipe.selection_groups) this site belongs to
         self.enabled = True  # False: behave as the dense linear
         self.forced_masks: list[torch.Tensor] = []  # masks to replay, one per call in order (validate)
         dev = self.weight.device
@@ -143,7 +142,7 @@ def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None
     paths = linear_paths(model)
     settings = recipe.resolve(paths, {p: model.get_submodule(p).in_features for p in paths})
     wrappers = {p: SparseLinear(model.get_submodule(p), s, p) for p, s in settings.items() if not s.dense}
-    share_group_constants(wrappers, recipe.selection_groups(settings))
+    groups = recipe.selection_groups(settings)  # checked before any constant is loaded
     for p, w in wrappers.items():
         s = w.setting
         consts = artifact.constants(p) if artifact is not None else {}
@@ -158,20 +157,20 @@ def sparsify_model(model: nn.Module, recipe: SparsityRecipe | str, artifact=None
                     f"recipe '{recipe.name}' needs calibration constants ({', '.join(missing)}) for {p}; "
                     "run `nm-onnx calibrate` and pass its output with --calibration"
                 )
+    share_group_constants(wrappers, groups)
     for p, w in wrappers.items():
         _set_module(model, p, w)
     return model
 
 
 def share_group_constants(wrappers: dict[str, SparseLinear], groups: dict[str, list[str]]) -> None:
-    """Give every site its channel factors (amber, wanda: of its group's weights stacked along the
-    outputs) and let a group's members share one learned-shift Parameter (the first member's)."""
-    for name, members in groups.items():
+    """Give every site without artifact factors its channel factors (amber, wanda: of its group's weights
+    stacked along the outputs) and let a group's members share one learned-shift Parameter (the first
+    member's, which holds the artifact's value when there is one)."""
+    for members in groups.values():
         ws = [wrappers[p] for p in members]
-        for w in ws:
-            w.group = name
         crit = ws[0].setting.criterion
-        if crit in F.CHANNEL_FACTOR_CRITERIA:
+        if crit in F.CHANNEL_FACTOR_CRITERIA and any(w.channel_scale is None for w in ws):
             weight = ws[0].weight if len(ws) == 1 else torch.cat([w.weight.detach() for w in ws], dim=0)
             factors = torch.from_numpy(F.channel_factors(weight, crit)).to(ws[0].weight.device)
             for w in ws:
