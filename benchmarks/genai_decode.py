@@ -8,6 +8,10 @@ the back-to-back ratio dense time / model time, so a load change on a shared mac
 of a pair alike.
 
     .venv/bin/python benchmarks/genai_decode.py runs/g runs/g-8x16 [more sparse dirs] --prompt 128 --decode 32
+
+`--separate`: models too large to hold together (a 1.7B float32 model and its --prefill-dispatch copy:
+6.8 + 13.6 GB) are loaded one at a time, each repeat a fresh process per model (warm-up run, then the
+timed run), the processes alternating between the models as the in-process repeats alternate.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ def prompt_ids(directory: str, tokens: int) -> np.ndarray:
     return np.asarray(ids[:tokens], dtype=np.int32)[None, :]
 
 
+def _child(args, directory: str) -> tuple[float, float]:
+    import subprocess
+
+    cmd = [sys.executable, __file__, args.dense, directory, "--child", "--prompt", str(args.prompt),
+           "--decode", str(args.decode), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return tuple(json.loads(out))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dense", help="dense GenAI directory (the baseline)")
@@ -67,19 +80,27 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--separate", action="store_true", help="one fresh process per model and repeat")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # --separate's worker
     args = ap.parse_args(argv)
 
     names = [args.dense, *args.models]
-    models = {d: load(d, args.threads) for d in names}
     prompt = prompt_ids(args.dense, args.prompt)
-    for _ in range(args.warmup):
+    if args.child:  # load models[0] alone, warm up, print one timed (prefill, decode) as JSON
+        model = load(args.models[0], args.threads)
+        for _ in range(args.warmup):
+            run_once(model, prompt, min(args.decode, 4))
+        print(json.dumps(run_once(model, prompt, args.decode)))
+        return 0
+    models = {} if args.separate else {d: load(d, args.threads) for d in names}
+    for _ in range(0 if args.separate else args.warmup):
         for d in names:
             run_once(models[d], prompt, min(args.decode, 4))
     times: dict[str, list[tuple[float, float]]] = {d: [] for d in names}
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else names[::-1]  # alternate who goes first
         for d in order:
-            times[d].append(run_once(models[d], prompt, args.decode))
+            times[d].append(_child(args, d) if args.separate else run_once(models[d], prompt, args.decode))
         print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
     rows = []
     base = times[args.dense]
@@ -93,8 +114,8 @@ def main(argv=None) -> int:
             "prefill_speedup": statistics.median(b[0] / t[0] for b, t in zip(base, times[d])),
             "decode_speedup": statistics.median(b[1] / t[1] for b, t in zip(base, times[d])) if args.decode else None,
         })
-    print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps, {args.repeats} interleaved repeats, "
-          f"{args.threads} threads\n")
+    print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps, {args.repeats} interleaved repeats"
+          f"{' (a fresh process per model and repeat)' if args.separate else ''}, {args.threads} threads\n")
     print("| model | prefill ms | decode tok/s | prefill speedup | decode speedup |\n|---|---|---|---|---|")
     for r in rows:
         tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"

@@ -26,7 +26,9 @@ def model_needs_ops(path: str | os.PathLike) -> tuple[bool, bool]:
 
 
 def _needs_ops(m) -> tuple[bool, bool]:
-    used = {n.op_type for n in m.graph.node if n.domain == DOMAIN}
+    from nm_onnx.ops.validate import graph_nodes
+
+    used = {n.op_type for n in graph_nodes(m.graph) if n.domain == DOMAIN}
     if not used:
         return False, True
     funcs = {f.name for f in m.functions if f.domain == DOMAIN}

@@ -51,6 +51,7 @@ class TransformReport:
             "portable": self.portable, "external_data": self.external_data, "seconds": self.seconds,
             "sites": self.passes.sites, "fused": self.passes.fused, "records": self.passes.records,
             "packed": self.passes.packed,  # selection group -> "packed" or why not (share_selection)
+            "dispatch": self.passes.dispatch,  # {rows, sites[, reason]} with --prefill-dispatch, else {}
         }
 
 
@@ -121,11 +122,14 @@ def transform(
     quantize: str | None = None,
     quant_block_size: int = 32,
     quant_symmetric: bool = True,
+    prefill_dispatch: int | None = None,
 ) -> TransformReport:
     """Transform IN (model file or export dir) into OUT with RECIPE (preset, JSON path or object).
 
     `quantize` ("int4" / "int8"): quantize the float linear sites first (nm_onnx.passes.quantize:
     round-to-nearest, blocks of `quant_block_size` along K, symmetric unless `quant_symmetric=False`).
+    `prefill_dispatch` (ROWS): above ROWS token rows each fused site runs ORT's dense MatMul on the masked
+    activation (nm_onnx.passes.dispatch; costs a second, pre-packed copy of those weights in memory).
 
     OUT may not be, contain or lie inside IN (or the recipe / calibration given); an existing OUT is
     replaced only when it is an earlier nm-onnx transform output, or with `overwrite`.
@@ -137,6 +141,7 @@ def transform(
 
     start = time.perf_counter()
     quant = parse_quantize(quantize, quant_block_size)
+    check_dispatch(prefill_dispatch, fuse)
     recipe_source = recipe
     recipe = SparsityRecipe.load(recipe)
     check_transform_output(in_path, out_path, recipe_source, calibration, overwrite)
@@ -152,7 +157,7 @@ def transform(
         if has_external(model):  # copy the weights to the output while the passes run
             prewrite = Prewrite(model, out.parent)
         passes = run_pipeline(model, recipe, artifact, fuse=fuse, portable=portable,
-                              quantize=(*quant, quant_symmetric) if quant else None)
+                              quantize=(*quant, quant_symmetric) if quant else None, dispatch=prefill_dispatch)
         external = has_external(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
         report = TransformReport(str(in_path), str(out), recipe.name, fuse, portable, external, 0.0, passes)
         _write_output(model, in_path, src, out, as_dir, external, prewrite, report, start, overwrite,
@@ -162,6 +167,17 @@ def transform(
             prewrite.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_dispatch(rows, fuse: bool) -> None:
+    """Refuse a --prefill-dispatch that cannot work, before any slow work."""
+    if rows is None:
+        return
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise NmOnnxError(f"--prefill-dispatch takes a number of token rows >= 1 (e.g. 2), got {rows!r}")
+    if not fuse:
+        raise NmOnnxError("--prefill-dispatch chooses between the fused NMSparseMatMul and its prefill form; "
+                          "drop --no-fuse (an unfused model already runs ORT's MatMul at every length)")
 
 
 def _genai_library(in_path, portable: bool) -> Path | None:

@@ -19,6 +19,9 @@
     is chaotic (1e-6 input noise flips masks and moves a window's perplexity by a few %), so the
     verdict is PASS when the difference plus 2 s.e. is within 1%, FAIL when the difference minus 2
     s.e. exceeds 1%, and INCONCLUSIVE (not a failure) otherwise.
+A model transformed with --prefill-dispatch (one If choosing a prefill and a decode form by the token
+count, nm_onnx.passes.dispatch) has (b) and (c) run on each form as a plain model, and (e) on the
+model itself (its windows take the prefill form).
 A model with quantized linears (MatMulNBits, NMSparseMatMulNBits: `transform --quantize`) is compared
 with the PyTorch reference given the same dequantized weights (`quantized_weights`), so (b), (c) and
 (e) stay exact; (a) compares the float export with the float PyTorch model.
@@ -301,6 +304,21 @@ def _coverage(records, wrappers) -> list[str]:
     return out
 
 
+def _read_external(proto, base: Path) -> None:
+    """Fill the external tensors of `proto` from the files under `base` (onnx.load refuses a data file
+    with several hard links, which is what the dispatch forms' temp dirs make of the transform output's)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            with open(base / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                t.raw_data = f.read(info.length) if info.length else f.read()
+            del t.external_data[:]
+            t.data_location = t.DEFAULT
+
+
 def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | None = None) -> CheckResult:
     import onnx
 
@@ -310,7 +328,9 @@ def check_layerwise(sparse_path, model, window: np.ndarray, max_sites: int | Non
     records = sparse_records(read_proto(sparse_path, check_external=False), sparse_path)
     wrappers = sparse_modules(model)
     captured = _capture_inputs(model, wrappers, window)
-    sparse = onnx.load(str(model_file(sparse_path)))
+    src = model_file(sparse_path)
+    sparse = onnx.load(str(src), load_external_data=False)
+    _read_external(sparse, src.parent)
     failures = _coverage(records, wrappers)
     worst_rel, mask_fail, per_site = 0.0, 0, []
     for rec in records[:max_sites] if max_sites else records:
@@ -430,11 +450,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _exposing_session(sparse_path, names: list[str]):
-    """(session, temp dir) of the sparse model with extra graph outputs `names` (weights hard-linked when
-    the temp dir is on their filesystem, copied otherwise)."""
+def _model_variant(src: Path, proto, prefix: str = "nm-onnx-validate-") -> tempfile.TemporaryDirectory:
+    """A temp dir holding `proto` (a variant of the model file `src`) as model.onnx beside src's weights
+    (hard-linked when the temp dir is on their filesystem, copied otherwise) and its genai_config.json."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from nm_onnx import genai
+
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    if genai.is_genai_dir(src.parent):  # its config gives the feeds the KV head size
+        shutil.copy2(src.parent / genai.CONFIG, Path(tmp.name) / genai.CONFIG)
+    for loc in {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}:
+        _link_or_copy((src.parent / loc).resolve(), Path(tmp.name) / loc)
+    onnx.save(proto, str(Path(tmp.name) / "model.onnx"))
+    return tmp
+
+
+def _exposing_session(sparse_path, names: list[str]):
+    """(session, temp dir) of the sparse model with extra graph outputs `names`."""
+    import onnx
 
     from nm_onnx.graph.load import model_file, read_proto
     from nm_onnx.runtime import make_session
@@ -446,15 +481,30 @@ def _exposing_session(sparse_path, names: list[str]):
         if name not in have:
             proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
             have.add(name)
-    tmp = tempfile.TemporaryDirectory(prefix="nm-onnx-validate-")
-    from nm_onnx import genai
-
-    if genai.is_genai_dir(src.parent):  # its config gives the feeds the KV head size
-        shutil.copy2(src.parent / genai.CONFIG, Path(tmp.name) / genai.CONFIG)
-    for loc in {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}:
-        _link_or_copy((src.parent / loc).resolve(), Path(tmp.name) / loc)
-    onnx.save(proto, str(Path(tmp.name) / "model.onnx"))
+    tmp = _model_variant(src, proto)
     return make_session(Path(tmp.name) / "model.onnx"), tmp
+
+
+def dispatch_forms(sparse_path) -> tuple[dict[str, Path], list]:
+    """({form: model path}, temp dirs to clean up): for a model transformed with --prefill-dispatch its
+    prefill and decode forms, each a plain model (nm_onnx.passes.dispatch.select_form); else {"": path}."""
+    import onnx_ir as ir
+
+    from nm_onnx.graph.load import model_file, read_proto
+    from nm_onnx.passes.dispatch import FORMS, dispatch_info, select_form
+
+    src = model_file(sparse_path)
+    proto = read_proto(src, check_external=False)
+    if dispatch_info(proto) is None:
+        return {"": src}, []
+    forms, tmps = {}, []
+    for form in FORMS:
+        model = ir.serde.deserialize_model(proto)  # external weights stay references: nothing is read
+        select_form(model, form)
+        tmp = _model_variant(src, ir.serde.serialize_model(model), prefix=f"nm-onnx-{form}-form-")
+        tmps.append(tmp)
+        forms[form] = Path(tmp.name) / "model.onnx"
+    return forms, tmps
 
 
 def ort_masks(sparse_path, window: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
@@ -703,6 +753,11 @@ def _explain_int8_activations(results, dense, sparse) -> None:
                 + (" (nor int4 weights: the dense check compares with the float model)" if r.check == "a" else "")))
 
 
+def _labelled(result: CheckResult, label: str) -> CheckResult:
+    result.name += label
+    return result
+
+
 def validate(dense, sparse, model_source, recipe, calibration=None, checks: str = "abcde",
              seqlen: int = 256, limit: int = 4, data: str = "wikitext2", max_sites: int | None = None,
              model=None, tokenizer=None, bos: str = "auto") -> ValidationReport:
@@ -757,7 +812,11 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
             results.append(check_dense_logits(dense, model, windows[:1]))
         from nm_onnx.reference import sparsify_model, unsparsify_model
 
-        quantized = quantized_weights(sparse) if set(checks) & {"b", "c", "e"} else {}
+        forms, form_dirs = dispatch_forms(sparse) if set(checks) & {"b", "c", "e"} else ({"": sparse}, [])
+        if len(forms) > 1:
+            _log("the sparse model dispatches on the token count (--prefill-dispatch): (b) and (c) check its "
+                 "prefill and its decode form")
+        quantized = quantized_weights(forms.get("decode", sparse)) if set(checks) & {"b", "c", "e"} else {}
         if quantized:
             _log(f"PyTorch reference with the sparse model's dequantized weights ({len(quantized)} linears)")
         saved = simulate_weights(model, quantized)
@@ -767,18 +826,22 @@ def validate(dense, sparse, model_source, recipe, calibration=None, checks: str 
             restore_weights(model, saved)
             raise
         try:
-            if "b" in checks:
-                _log("(b) layer-wise site parity")
-                results.append(check_layerwise(sparse, model, windows[0], max_sites))
-            if "c" in checks:
-                _log("(c) teacher-forced logits")
-                results.append(check_teacher_forced(sparse, model, windows[0]))
+            for form, path in forms.items():
+                label = f" [{form} form]" if form else ""
+                if "b" in checks:
+                    _log(f"(b) layer-wise site parity{label}")
+                    results.append(_labelled(check_layerwise(path, model, windows[0], max_sites), label))
+                if "c" in checks:
+                    _log(f"(c) teacher-forced logits{label}")
+                    results.append(_labelled(check_teacher_forced(path, model, windows[0]), label))
             if "e" in checks:
                 _log(f"(e) perplexity on {windows.shape[0]} windows x {seqlen}")
                 results.append(check_perplexity(sparse, model, windows))
         finally:
             unsparsify_model(model)
             restore_weights(model, saved)
+            for tmp in form_dirs:
+                tmp.cleanup()
     _explain_int8_activations(results, dense, sparse)
     order = {c: i for i, c in enumerate(CHECKS)}
     results.sort(key=lambda r: order[r.check])

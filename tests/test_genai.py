@@ -434,3 +434,23 @@ def test_validate_on_genai_dirs_fp32_and_int4(tmp_path):
     for check in ("a", "c"):  # int8 activations of the dense int4 lm_head (and int4 weights in (a))
         assert int4[check].status == "FAIL"
         assert "accuracy_level 4 (int8 activations)" in int4[check].details["failures"][0]
+
+
+@needs_library
+@pytest.mark.parametrize("arch,recipe", [("llama", "8:16-median-variance"), ("qwen2", "8:16-median-shift+shared")])
+def test_prefill_dispatch_in_og(tmp_path, arch, recipe):
+    """--prefill-dispatch on a builder graph (GroupQueryAttention, packed qkv inside the If): og loads it
+    and decodes the same tokens as the plain transform output and as a plain ORT session; validate (b)
+    holds on both forms of the packed sites."""
+    from nm_onnx.transform import transform
+    from nm_onnx.validate import validate
+
+    dense = tiny_genai(arch)
+    plain, disp = tmp_path / "plain", tmp_path / "disp"
+    transform(dense, plain, recipe)
+    report = transform(dense, disp, recipe, prefill_dispatch=2)
+    assert report.passes.dispatch["sites"] == sum(1 for s in report.passes.sites if s["action"] == "sparse")
+    want = og_greedy(plain)
+    assert og_greedy(disp) == want == ort_greedy(disp)[0]
+    result = validate(dense, disp, tiny_hf(arch), recipe, checks="b", seqlen=48, limit=1)
+    assert [r.status for r in result.results] == ["PASS", "PASS"], [r.line() for r in result.results]

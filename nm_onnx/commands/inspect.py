@@ -20,16 +20,21 @@ def add_arguments(p):
 
 def run(args) -> int:
     from nm_onnx.passes.common import pattern_counts
+    from nm_onnx.passes.dispatch import dispatch_info, select_form
     from nm_onnx.passes.record import site_records
 
     model = load_model(args.model)
     records = site_records(model)
+    dispatch = dispatch_info(model)
+    if dispatch is not None:  # the dense linears (lm_head) sit inside the If: list those of one form
+        select_form(model, "decode")
     in_records = {name for r in records for name in r["nodes"]}
     sites = [s for s in find_linear_sites(model) if s.matmul not in in_records]  # the unfused ones are sparse
     if args.json:
         out = [s.to_dict() for s in sites]
         print(json.dumps({"transformed": True, "recipe": json.loads(model.metadata_props.get("nm_onnx.recipe", "{}")),
-                          "sparse_sites": records, "dense_sites": out} if records else out, indent=2))
+                          "sparse_sites": records, "dense_sites": out, "dispatch": dispatch} if records else out,
+                         indent=2))
         return 0
     if records:
         recipe = json.loads(model.metadata_props.get("nm_onnx.recipe", "{}"))
@@ -37,7 +42,11 @@ def run(args) -> int:
         patterns = ", ".join(f"{p} x {c}" for p, c in pattern_counts(records).items())
         print(f"transformed by nm-onnx {model.metadata_props.get('nm_onnx.version', '?')}: recipe "
               f"{recipe.get('name', '?')} ({patterns}), {len(records)} sparse sites "
-              f"({fused} fused); transform the dense export, not this model\n")
+              f"({fused} fused); transform the dense export, not this model")
+        if dispatch is not None:
+            print(f"prefill dispatch: above {dispatch['rows']} token row(s) {dispatch['sites']} site(s) run ORT's "
+                  "MatMul on the masked activation (the sites' prefill form)")
+        print()
         header = f"{'sparse site':<40} {'kind':<8} {'K':>6} {'O':>6} {'op':<15} {'N:M':<6} input -> output"
         print(header)
         print("-" * len(header))

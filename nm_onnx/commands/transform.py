@@ -1,6 +1,7 @@
-"""`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable] [--quantize int4|int8]`."""
+"""`nm-onnx transform IN OUT --recipe R [--calibration DIR] [--no-fuse] [--portable] [--quantize int4|int8]
+[--prefill-dispatch ROWS]`."""
 
-from nm_onnx.commands._args import add_overwrite
+from nm_onnx.commands._args import add_overwrite, positive
 
 NAME = "transform"
 HELP = "Rewrite an exported model with N:M activation sparsity ops (shift, mask, sparse MatMul)."
@@ -20,6 +21,10 @@ def add_arguments(p):
     p.add_argument("--quant-block-size", type=int, default=32, help="--quantize block size along K (default 32)")
     p.add_argument("--quant-asymmetric", action="store_true",
                    help="--quantize with uint8 zero points (default symmetric)")
+    p.add_argument("--prefill-dispatch", type=positive, default=None, metavar="ROWS",
+                   help="above ROWS token rows (batch x sequence) run ORT's dense MatMul on the masked activation "
+                        "instead of the sparse kernel (prompts at dense speed, decode unchanged; 2 is a good "
+                        "value on CPUs); costs a second copy of the sparse sites' weights in memory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_overwrite(p)
 
@@ -32,6 +37,6 @@ def run(args) -> int:
     report = transform(args.input, args.output, args.recipe, args.calibration,
                        fuse=not args.no_fuse, portable=args.portable, overwrite=args.overwrite,
                        quantize=args.quantize, quant_block_size=args.quant_block_size,
-                       quant_symmetric=not args.quant_asymmetric)
+                       quant_symmetric=not args.quant_asymmetric, prefill_dispatch=args.prefill_dispatch)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0

@@ -125,9 +125,13 @@ def op_profile(path, prompt: int, decode: int, threads=None, top: int = 10) -> l
     return summarize_profile(profile_events(path, prompt, decode, threads), top)
 
 
+CONTROL_FLOW = ("If", "Loop", "Scan")  # their kernel time is their subgraph's nodes' time, profiled too
+
+
 def _kernel_events(events: list[dict]):
     for e in events:
-        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+        if (e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+                and e.get("args", {}).get("op_name") not in CONTROL_FLOW):
             yield e
 
 
@@ -146,12 +150,17 @@ def summarize_profile(events: list[dict], top: int = 10) -> list[dict]:
 
 def site_kinds(path) -> dict[str, str]:
     """{node name: site kind} of a model's linear sites: the transform's site record of a sparse model
-    (every node of a site), the MatMul (+ bias Add) of each linear site of a dense one."""
+    (every node of a site, of both forms of a --prefill-dispatch model), the MatMul (+ bias Add) of
+    each linear site of a dense one."""
     from nm_onnx.graph import find_linear_sites, load_model
+    from nm_onnx.passes.dispatch import dispatch_info, select_form
     from nm_onnx.passes.record import site_records
 
     model = load_model(path)
-    out = {name: r["kind"] for r in site_records(model) for name in r["nodes"]}
+    out = {name: r["kind"] for r in site_records(model)
+           for name in r["nodes"] + r.get("dispatch", {}).get("prefill", [])}
+    if dispatch_info(model) is not None:  # the linears outside the sites (lm_head) sit in both branches
+        select_form(model, "decode")
     recorded = set(out)
     for s in find_linear_sites(model):
         if s.matmul not in recorded:

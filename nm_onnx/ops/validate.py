@@ -70,11 +70,23 @@ def _check_attributes(label: str, schema, node: onnx.NodeProto) -> None:
         ref.check_pattern(label, values["n"], values["m"])
 
 
+def graph_nodes(graph: onnx.GraphProto):
+    """The nodes of `graph` and, depth first, of its subgraphs (If branches, Loop and Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from graph_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from graph_nodes(g)
+
+
 def check_model(model: onnx.ModelProto, cuda: bool = False) -> None:
-    """Raise NmOnnxError for the first nm_onnx node with a bad dtype, input or attribute."""
+    """Raise NmOnnxError for the first nm_onnx node (subgraphs included) with a bad dtype, input or attribute."""
     types = _known_types(model)
     provider = CUDA if cuda else CPU
-    for node in model.graph.node:
+    for node in graph_nodes(model.graph):
         if node.domain != DOMAIN:
             continue
         label = f"{node.op_type} (node '{node.name}')"

@@ -36,6 +36,7 @@ class PassReport:
     fused: dict[str, str] = field(default_factory=dict)  # module -> "fused" or the reason it is not
     records: list[dict] = field(default_factory=list)  # one per sparsified site (nm_onnx.passes.record)
     packed: dict[str, str] = field(default_factory=dict)  # selection group -> "packed" or why not (pack)
+    dispatch: dict = field(default_factory=dict)  # {rows, sites[, reason]} with --prefill-dispatch
 
     def add(self, site, action: str, reason: str = "", pattern: str | None = None) -> None:
         entry = {"module": site.module, "kind": site.kind, "action": action, "reason": reason}
@@ -72,6 +73,10 @@ class PassReport:
             rows.append(f"shared selection: {packed.pop('packed', 0)} group(s) packed into one MatMul")
         for reason, count in packed.items():
             rows.append(f"not packed ({count} group(s)): {reason}")
+        if self.dispatch:
+            d = self.dispatch
+            rows.append(f"prefill dispatch: {d['sites']} site(s) run ORT's MatMul on the masked activation above "
+                        f"{d['rows']} token row(s)" + (f" ({d['reason']})" if d.get("reason") else ""))
         reasons = Counter(r for r in self.fused.values() if r != "fused")
         for reason, count in reasons.items():
             rows.append(f"not fused ({count} site(s)): {reason}")

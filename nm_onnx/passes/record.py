@@ -12,6 +12,8 @@ groups the nodes by tag and writes one record per site:
     quant                                 None, or {bits, block_size, symmetric} of a quantized site
     n, m, criterion, shift, variance_correction, scale_shift
     constants                             the initializers the site's nodes read (weights included)
+    dispatch                              only with `--prefill-dispatch`: {if, prefill}, the site's If node
+                                          and its prefill-branch nodes (nodes above: the decode form)
 
 The records go into the model's metadata (`nm_onnx.sites`, JSON) and the transform report
 (`nm_onnx_transform.json`), so `validate`, `bench`'s per-site profile and `inspect` find a site by
@@ -48,8 +50,18 @@ def site_records(model_or_proto) -> list[dict]:
     return records if isinstance(records, list) else []
 
 
-def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
-    site = plan.site
+def nodes_by_site(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    """{site module: its nodes in graph order}, by the site tag insert wrote (top-level nodes only)."""
+    out: dict[str, list[ir.Node]] = {}
+    for n in graph:
+        key = n.metadata_props.get(SITE_KEY)
+        if key is not None:
+            out.setdefault(key, []).append(n)
+    return out
+
+
+def node_fields(module: str, nodes: list[ir.Node], graph_outputs) -> dict:
+    """The fields of a record that the site's nodes decide: output, nodes, op, fused, constants."""
     inside = set(map(id, nodes))
     leaving = []
     for n in nodes:
@@ -61,24 +73,31 @@ def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
                 leaving.append(v.name)
     if len(leaving) != 1:
         raise NmOnnxError(
-            f"internal: site '{site.module}' hands {len(leaving)} values to the rest of the graph "
+            f"internal: site '{module}' hands {len(leaving)} values to the rest of the graph "
             f"({leaving[:4]}), expected exactly 1"
         )
     sparse = [n for n in nodes if n.domain == DOMAIN and n.op_type in (*SPARSE_MATMULS, NM_MASK)]
     if len(sparse) != 1:
-        raise NmOnnxError(f"internal: site '{site.module}' has {len(sparse)} NMMask/NMSparseMatMul nodes")
-    quant = site.quant
+        raise NmOnnxError(f"internal: site '{module}' has {len(sparse)} NMMask/NMSparseMatMul nodes")
     constants = sorted({v.name for n in nodes for v in n.inputs
                         if v is not None and (v.is_initializer() or v.const_value is not None)})
+    return {"output": leaving[0], "nodes": [n.name for n in nodes], "op": sparse[0].op_type,
+            "fused": sparse[0].op_type in SPARSE_MATMULS, "constants": constants}
+
+
+def _record(plan: SitePlan, nodes: list[ir.Node], graph_outputs) -> dict:
+    site = plan.site
+    quant = site.quant
+    fields = node_fields(site.module, nodes, graph_outputs)
     return {
         "module": site.module, "kind": site.kind, "layer": site.layer, "k": site.k, "o": site.o,
-        "input": site.input, "output": leaving[0], "nodes": [n.name for n in nodes],
-        "op": sparse[0].op_type, "fused": sparse[0].op_type in SPARSE_MATMULS,
+        "input": site.input, "output": fields["output"], "nodes": fields["nodes"],
+        "op": fields["op"], "fused": fields["fused"],
         "quant": None if quant is None else {"bits": quant.bits, "block_size": quant.block_size,
                                              "symmetric": quant.zero_points is None},
         "n": plan.n, "m": plan.m, "criterion": plan.criterion, "shift": plan.shift,
         "variance_correction": plan.variance_correction, "scale_shift": plan.scale_shift,
-        "constants": constants,
+        "constants": fields["constants"],
     }
 
 
@@ -92,11 +111,7 @@ class RecordPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_site: dict[str, list[ir.Node]] = {}
-        for n in graph:
-            key = n.metadata_props.get(SITE_KEY)
-            if key is not None:
-                by_site.setdefault(key, []).append(n)
+        by_site = nodes_by_site(graph)
         outputs = frozenset(graph.outputs)
         records = [_record(p, by_site.get(p.site.module, []), outputs) for p in self.locate.plans]
         model.metadata_props[SITES_KEY] = json.dumps(records, separators=(",", ":"))
