@@ -34,13 +34,14 @@ def load(directory: str, threads: int):
     return og.Model(cfg)
 
 
-def run_once(model, prompt: np.ndarray, decode: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for `decode` tokens) of one greedy generation."""
+def run_once(model, prompt: np.ndarray, decode: int, max_length: int = 0) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for `decode` tokens) of one greedy generation; og allocates the
+    KV cache for `max_length` tokens (0: just the prompt and the decoded tokens)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt.shape[1] + decode + 1, min_length=prompt.shape[1] + decode + 1,
-                              do_sample=False)
+    length = max(max_length, prompt.shape[1] + decode + 1)
+    params.set_search_options(max_length=length, min_length=prompt.shape[1] + decode + 1, do_sample=False)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(prompt)  # prefill; produces the logits of the first new token
@@ -65,7 +66,8 @@ def _child(args, directory: str) -> tuple[float, float]:
     import subprocess
 
     cmd = [sys.executable, __file__, args.dense, directory, "--child", "--prompt", str(args.prompt),
-           "--decode", str(args.decode), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--decode", str(args.decode), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--max-length", str(args.max_length)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return tuple(json.loads(out))
 
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--separate", action="store_true", help="one fresh process per model and repeat")
+    ap.add_argument("--max-length", type=int, default=0,
+                    help="og's max_length (the KV buffer it allocates; default prompt + decode + 1)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # --separate's worker
     args = ap.parse_args(argv)
 
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         model = load(args.models[0], args.threads)
         for _ in range(args.warmup):
             run_once(model, prompt, min(args.decode, 4))
-        print(json.dumps(run_once(model, prompt, args.decode)))
+        print(json.dumps(run_once(model, prompt, args.decode, args.max_length)))
         return 0
     models = {} if args.separate else {d: load(d, args.threads) for d in names}
     for _ in range(0 if args.separate else args.warmup):
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else names[::-1]  # alternate who goes first
         for d in order:
-            times[d].append(_child(args, d) if args.separate else run_once(models[d], prompt, args.decode))
+            times[d].append(_child(args, d) if args.separate else run_once(models[d], prompt, args.decode,
+                                                                            args.max_length))
         print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
     rows = []
     base = times[args.dense]
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
             "prefill_speedup": statistics.median(b[0] / t[0] for b, t in zip(base, times[d])),
             "decode_speedup": statistics.median(b[1] / t[1] for b, t in zip(base, times[d])) if args.decode else None,
         })
-    print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps, {args.repeats} interleaved repeats"
+    print(f"og.Generator, prompt {args.prompt}, {args.decode} decode steps"
+          f"{f', max_length {args.max_length}' if args.max_length else ''}, {args.repeats} interleaved repeats"
           f"{' (a fresh process per model and repeat)' if args.separate else ''}, {args.threads} threads\n")
     print("| model | prefill ms | decode tok/s | prefill speedup | decode speedup |\n|---|---|---|---|---|")
     for r in rows:

@@ -23,8 +23,8 @@ def add_arguments(p):
                    help="--quantize with uint8 zero points (default symmetric)")
     p.add_argument("--prefill-dispatch", type=positive, default=None, metavar="ROWS",
                    help="above ROWS token rows (batch x sequence) run ORT's dense MatMul on the masked activation "
-                        "instead of the sparse kernel (prompts at dense speed, decode unchanged; 2 is a good "
-                        "value on CPUs); costs a second copy of the sparse sites' weights in memory")
+                        "instead of the sparse kernel (prompts at dense speed, decode unchanged; 2 for SmolLM2-sized "
+                        "models, 4-8 for 2048x8192 MLPs); costs a second copy of the sparse weights in memory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_overwrite(p)
 

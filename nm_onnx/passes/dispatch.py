@@ -13,8 +13,8 @@ initializer), so one `If` chooses the form of the whole graph by the number of t
 The decode branch holds the sites and every node that reads their outputs, as fused (the embedding,
 attention masks and rotary tables stay outside, computed once); the prefill branch is a copy of it in
 which every fused float site runs its prefill form. One If for the whole graph, not one per site: an
-If costs 3 us per call at 1 thread and 17 us at 2 (measured on a chain of 100 small sites), which
-times 150-210 sites would eat a tenth of a SmolLM2 decode step; one If costs ~30 us per step.
+If costs 3-17 us per call (benchmarks/dispatch_cost.py if), which times 150-210 sites would eat up to
+a quarter of a SmolLM2 decode step; the one If costs nothing measurable.
 
 The prefill form is NMSparseMatMul's definition (docs/ops.md) with ORT's MatMul as the product:
 [Xc, eta = TokenShift(X)] -> Xh = NMMask(Xc[, channel_scale]) -> MatMul(Xh, B) [+ eta * shift_bias]
@@ -56,7 +56,7 @@ IF_NAME = "nm_onnx/dispatch"
 LIMIT = "nm_onnx/dispatch/limit"  # the initializer ROWS * K0
 COND_ROLE = "dispatch_condition"  # ROLE_KEY of the Size / Greater nodes computing the condition
 FORMS = ("prefill", "decode")  # then / else branch
-DEFAULT_ROWS = 2  # one or two token rows run sparse (RESULTS: 0.9-1.0x of dense from 4 rows on)
+DEFAULT_ROWS = 2  # documented value: our kernel leads at 1 row, at 2 on large linears (dispatch_cost.py rows)
 
 
 def prefill_nodes(graph: ir.Graph, node: ir.Node, site, opset: int) -> tuple[list[ir.Node], ir.Value]:
