@@ -26,7 +26,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nm_onnx import ops  # noqa: E402
+from nm_onnx import ops
 
 OPSETS = [h.make_opsetid("", 18), h.make_opsetid("nm_onnx", 1)]
 NM = {"domain": "nm_onnx", "n": 8, "m": 16}
@@ -115,8 +115,8 @@ def if_cost(threads, layers, k):
     tn, to = chain("prefill", "t")
     en, eo = chain("decode", "e")
     whole = [h.make_node("If", ["c"], ["Y"], then_branch=_branch(tn, to), else_branch=_branch(en, eo))]
-    print(f"| threads | plain ms | one If per site ms | one If around all ms | per If per call us "
-          f"| the whole-graph If us |\n|---|---|---|---|---|---|")
+    print("| threads | plain ms | one If per site ms | one If around all ms | per If per call us "
+          "| the whole-graph If us |\n|---|---|---|---|---|---|")
     x1 = rng.standard_normal((1, k)).astype(np.float32)
     for t in threads:
         s = {"plain": _session(_model(plain, inits[:-1], k, k), t),
