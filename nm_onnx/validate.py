@@ -309,10 +309,15 @@ def _read_external(proto, base: Path) -> None:
     with several hard links, which is what the dispatch forms' temp dirs make of the transform output's)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+    root = base.resolve()
     for t in proto.graph.initializer:
         if uses_external_data(t):
             info = ExternalDataInfo(t)
-            with open(base / info.location, "rb") as f:
+            path = (base / info.location).resolve()
+            if root not in path.parents:
+                raise NmOnnxError(f"tensor {t.name!r} names external data '{info.location}' outside the model's "
+                                  f"folder '{base}'; keep a model's data files beside it")
+            with open(path, "rb") as f:
                 f.seek(info.offset or 0)
                 t.raw_data = f.read(info.length) if info.length else f.read()
             del t.external_data[:]
