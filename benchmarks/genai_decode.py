@@ -5,7 +5,8 @@ each repeat runs every model in turn on the same prompt (the first --prompt toke
 test, tokenized by the dense directory's tokenizer files): one `append_tokens` call (prefill, timed)
 then --decode `generate_next_token` steps (timed together). Speedups are medians over the repeats of
 the back-to-back ratio dense time / model time, so a load change on a shared machine hits both sides
-of a pair alike.
+of a pair alike. The order rotates per repeat, so with three or more models every one runs in every
+position equally often (a forward/backward alternation kept the middle model in the middle).
 
     .venv/bin/python benchmarks/genai_decode.py runs/g runs/g-8x16 [more sparse dirs] --prompt 128 --decode 32
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             run_once(models[d], prompt, min(args.decode, 4))
     times: dict[str, list[tuple[float, float]]] = {d: [] for d in names}
     for rep in range(args.repeats):
-        order = names if rep % 2 == 0 else names[::-1]  # alternate who goes first
+        order = names[rep % len(names):] + names[:rep % len(names)]  # every model takes every position
         for d in order:
             times[d].append(_child(args, d) if args.separate else run_once(models[d], prompt, args.decode,
                                                                             args.max_length))
