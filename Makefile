@@ -37,9 +37,15 @@ ops: $(STAMP)
 demo: setup
 	$(NMONNX) demo
 
-test: setup
-	$(PY) -m pytest -m "not slow" -q
+# Two pytest workers (pytest-xdist): the suite is mostly single-threaded Python (CLI subprocesses that
+# import torch and transformers), so two workers on two cores take ~0.6x the time; the test-export cache
+# (tests/models_cache.py) is shared under a file lock. TEST_JOBS=0 runs in one process.
+TEST_JOBS ?= 2
 
+test: setup
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_JOBS)
+
+# One process: the slow tests hold full models in memory.
 test-all: setup
 	$(PY) -m pytest -q
 
