@@ -119,6 +119,16 @@ for m in (1, 2, 4, 8, 16, 32, 64):
                 sess = ort.InferenceSession(op_model("NMMask", ["X"], ["Y"], n=n, m=m, criterion=crit)
                                             .SerializeToString(), so, providers=["CPUExecutionProvider"])
                 assert_same(sess.run(None, {"X": x})[0], ops.nm_mask(x, n, m, crit))
+# Scaled keys (channel_scale) through the threshold blocks and their tail groups.
+for m in (8, 16, 32):
+    x = random_values(rng, (5, 16 * m + 2 * max(m, 16)), "ties")
+    cs = rng.choice(np.array([0.5, 1.0, 2.0, 3.0], np.float32), size=x.shape[-1])
+    for n in (1, m // 2, m - 1):
+        so = ort.SessionOptions()
+        ops.register_library(so)
+        sess = ort.InferenceSession(op_model("NMMask", ["X", "channel_scale"], ["Y"], n=n, m=m)
+                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
+        assert_same(sess.run(None, {"X": x, "channel_scale": cs})[0], ops.nm_mask(x, n, m, "magnitude", cs))
 # Row statistics (median, mean, variance factor, kept indices) on wide rows of every kind.
 for k in (1, 2, 15, 16, 17, 576, 1000):
     for kind in ("normal", "ties", "special"):

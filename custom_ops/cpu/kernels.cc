@@ -119,6 +119,30 @@ struct MaskScratch {
   std::vector<uint32_t> keys, ranks;
 };
 
+// Batcher's odd-even merge sort network on M keys, as compare-exchange pairs (the AVX2 threshold select
+// below; the compiler drops the comparators its one output, the N-th largest key, does not depend on).
+template <int M>
+struct SortNet {
+  int a[M * M], b[M * M], count;  // compare-exchange (a[i], b[i]): the smaller to a[i]; ascending
+};
+
+template <int M>
+constexpr SortNet<M> odd_even_merge_sort() {
+  SortNet<M> s{};
+  for (int p = 1; p < M; p <<= 1)
+    for (int k = p; k >= 1; k >>= 1)
+      for (int j = k % p; j + k < M; j += 2 * k)
+        for (int i = 0; i < std::min(k, M - j - k); ++i)
+          if ((i + j) / (2 * p) == (i + j + k) / (2 * p)) {
+            s.a[s.count] = i + j;
+            s.b[s.count] = i + j + k;
+            ++s.count;
+          }
+  return s;
+}
+
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
 template <int M>
 __attribute__((always_inline)) inline void mask_rows_fixed(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1,
                                                            int64_t K, int n, const float* scale, const float* colnorm,
@@ -664,7 +688,134 @@ NM_TARGET_AVX512 void mask_rows_avx512(const float* x, std::ptrdiff_t t0, std::p
   }
   mask_rows_fixed<M>(x, t0, t1, K, n, scale, colnorm, y, keep, sc);
 }
-NM_MASK_VARIANT(mask_rows_avx2, __attribute__((target("avx2"))))
+// ---- AVX2 threshold blocks (M = 8, 16, 32; 0 < n < M): eight groups at a time, all in registers. The
+// group-major keys of the block are turned lane-major by 8 x 8 transposes (vector j, lane r = key j of
+// group r), the sorting network gives each group's n-th largest key tau, and two passes give the exact rule
+// (every key > tau is kept; keys == tau in index order while fewer than n - #(key > tau) have been: the
+// lower index wins a tie, as in the reference). The flags are transposed back to mask the 8 x M values.
+// Groups past the last multiple of 8 go through the reference's per-group rank.
+#define NM_INLINE_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+NM_INLINE_AVX2 void transpose8(__m256i* r) {
+  const __m256 a0 = _mm256_castsi256_ps(r[0]), a1 = _mm256_castsi256_ps(r[1]), a2 = _mm256_castsi256_ps(r[2]),
+               a3 = _mm256_castsi256_ps(r[3]), a4 = _mm256_castsi256_ps(r[4]), a5 = _mm256_castsi256_ps(r[5]),
+               a6 = _mm256_castsi256_ps(r[6]), a7 = _mm256_castsi256_ps(r[7]);
+  const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1), t2 = _mm256_unpacklo_ps(a2, a3),
+               t3 = _mm256_unpackhi_ps(a2, a3), t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5),
+               t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x20));
+  r[1] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x20));
+  r[2] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x20));
+  r[3] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x20));
+  r[4] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x31));
+  r[5] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x31));
+  r[6] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x31));
+  r[7] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// score_key(|x| * scale * colnorm) of 8 consecutive values (the reference's operation order).
+NM_INLINE_AVX2 __m256i keys8(__m256i xb, const float* scale, const float* colnorm, int64_t e) {
+  __m256 s = _mm256_castsi256_ps(_mm256_and_si256(xb, _mm256_set1_epi32(0x7FFFFFFF)));
+  if (scale) s = _mm256_mul_ps(s, _mm256_loadu_ps(scale + e));
+  if (colnorm) s = _mm256_mul_ps(s, _mm256_loadu_ps(colnorm + e));
+  s = _mm256_add_ps(s, _mm256_setzero_ps());
+  const __m256i b = _mm256_castps_si256(s);
+  const __m256i k = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32(INT32_MIN)));
+  return _mm256_or_si256(k, _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_UNORD_Q)));  // NaN -> largest key
+}
+
+template <int M>
+NM_INLINE_AVX2 void threshold_block_avx2(const float* xr, float* yr, uint8_t* kr, int n, const float* scale,
+                                         const float* colnorm) {
+  static constexpr SortNet<M> net = odd_even_merge_sort<M>();
+  __m256i bits[M], k[M];  // bits: the block's values, group-major ([r][c] = 8 values of group r, tile c)
+#pragma GCC unroll 4
+  for (int c = 0; c < M / 8; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      const int64_t e = r * M + c * 8;
+      bits[c * 8 + r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + e));
+      k[c * 8 + r] = keys8(bits[c * 8 + r], scale ? scale + r * M : nullptr, colnorm ? colnorm + r * M : nullptr,
+                           c * 8);
+    }
+    transpose8(k + c * 8);  // k[c * 8 + j]: key c * 8 + j of each group
+  }
+  v8u w[M];
+#pragma GCC unroll 32
+  for (int j = 0; j < M; ++j) w[j] = reinterpret_cast<v8u>(k[j]);
+#pragma GCC unroll 1024
+  for (int c = 0; c < net.count; ++c) {
+    const v8u lo = w[net.a[c]] < w[net.b[c]] ? w[net.a[c]] : w[net.b[c]];
+    const v8u hi = w[net.a[c]] < w[net.b[c]] ? w[net.b[c]] : w[net.a[c]];
+    w[net.a[c]] = lo;
+    w[net.b[c]] = hi;
+  }
+  v8u tau = w[0];
+  for (int j = 1; j < M; ++j) tau = (M - n == j) ? w[j] : tau;
+  v8u quota = v8u{} + static_cast<uint32_t>(n);
+#pragma GCC unroll 32
+  for (int j = 0; j < M; ++j) quota += reinterpret_cast<v8u>(reinterpret_cast<v8u>(k[j]) > tau);
+  v8u seen = v8u{};
+#pragma GCC unroll 32
+  for (int j = 0; j < M; ++j) {
+    const v8u kj = reinterpret_cast<v8u>(k[j]);
+    const v8u eq = reinterpret_cast<v8u>(kj == tau);
+    k[j] = reinterpret_cast<__m256i>(reinterpret_cast<v8u>(kj > tau) | (eq & reinterpret_cast<v8u>(seen < quota)));
+    seen -= eq;
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < M / 8; ++c) {
+    transpose8(k + c * 8);  // back to group-major: k[c * 8 + r] = keep flags of group r, tile c
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      const int64_t e = r * M + c * 8;
+      if (yr) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + e), _mm256_and_si256(bits[c * 8 + r], k[c * 8 + r]));
+      } else {
+        const __m256i f = _mm256_and_si256(k[c * 8 + r], _mm256_set1_epi32(1));
+        const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(f), _mm256_extracti128_si256(f, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(kr + e), _mm_packus_epi16(h, h));
+      }
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx2"))) void mask_rows_avx2(const float* x, std::ptrdiff_t t0, std::ptrdiff_t t1, int64_t K,
+                                                    int n, const float* scale, const float* colnorm, float* y,
+                                                    uint8_t* keep, MaskScratch& sc) {
+  if constexpr (M >= 8 && M <= 32) {
+    if (n > 0 && n < M) {
+      const int64_t G = K / M;
+      for (std::ptrdiff_t t = t0; t < t1; ++t) {
+        const float* xr = x + t * K;
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8) {
+          const int64_t e = g * M;
+          threshold_block_avx2<M>(xr + e, y ? y + t * K + e : nullptr, keep ? keep + t * K + e : nullptr, n,
+                                  scale ? scale + e : nullptr, colnorm ? colnorm + e : nullptr);
+        }
+        for (; g < G; ++g) {  // the tail groups: the reference's rank
+          const int64_t e = g * M;
+          uint32_t keys[M];
+          uint8_t flags[M];
+          group_keys(xr + e, M, scale ? scale + e : nullptr, colnorm ? colnorm + e : nullptr, keys);
+          group_keep_fixed<M>(keys, n, flags);
+          for (int j = 0; j < M; ++j) {
+            if (y) y[t * K + e + j] = flags[j] ? xr[e + j] : 0.0f;
+            else keep[t * K + e + j] = flags[j];
+          }
+        }
+      }
+      return;
+    }
+  }
+  mask_rows_fixed<M>(x, t0, t1, K, n, scale, colnorm, y, keep, sc);
+}
 #endif
 NM_MASK_VARIANT(mask_rows_base, )
 #undef NM_MASK_VARIANT
