@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import onnxruntime as ort
+from ops import paired_times  # benchmarks/ops.py (the script's folder is first on sys.path)
 
 from nm_onnx.ops.graphs import op_model
 
@@ -49,12 +49,9 @@ def main(argv=None) -> int:
                 x = rng.standard_normal((t, k)).astype(np.float32)
                 ya, yb = sa.run(None, {"X": x})[0], sb.run(None, {"X": x})[0]
                 assert np.array_equal(ya, yb), f"{pat} {shape}: the two libraries disagree"
-                ta, tb = [], []
-                for _ in range(args.repeats):
-                    for s, out in ((sa, ta), (sb, tb)):
-                        t0 = time.perf_counter()
-                        s.run(None, {"X": x})
-                        out.append(time.perf_counter() - t0)
+                feeds = {"X": x}
+                ta, tb = paired_times(lambda s=sa, f=feeds: s.run(None, f), lambda s=sb, f=feeds: s.run(None, f),
+                                      args.repeats)
                 ratio = statistics.median(a / b for a, b in zip(ta, tb))
                 print(f"| {threads} | {pat} | {shape} | {statistics.median(ta) * 1e3:.3f} | "
                       f"{statistics.median(tb) * 1e3:.3f} | {ratio:.2f}x |")
